@@ -1,0 +1,165 @@
+"""Resolving where to send requests and with which key.
+
+Precedence, for each setting: explicit argument > process environment > a ``.env`` file found
+from the working directory (as python-dotenv finds it) > an error naming the variable. The
+``.env`` file is read, never loaded into ``os.environ``: a value there never overrides a
+variable that is set, and nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from . import _constants as C
+from .errors import ConfigurationError, MissingConfigurationError
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Connect and read timeouts in seconds; both always finite."""
+
+    connect: float = C.DEFAULT_CONNECT_TIMEOUT
+    read: float = C.DEFAULT_READ_TIMEOUT
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (self.connect, self.read)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A resolved server: base URL and credential. The key is kept out of ``repr``."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    # Where each value came from ("argument", "ANYSCALE_API_BASE", ".env: ANYSCALE_API_KEY", ...),
+    # for error messages that say which setting to fix.
+    base_url_origin: str = "argument"
+    api_key_origin: str | None = None
+    base_url_explicit: bool = False
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+def _dotenv_values() -> Mapping[str, str | None]:
+    # Imported here: python-dotenv is only needed when a setting is missing from the environment.
+    from dotenv import dotenv_values, find_dotenv
+
+    path = find_dotenv(usecwd=True)
+    return dotenv_values(path) if path else {}
+
+
+def _lookup(names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(value, origin) of the first of ``names`` set in the environment, else in ``.env``."""
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value, name
+    values = _dotenv_values()
+    for name in names:
+        value = values.get(name)
+        if value:
+            return value, f".env: {name}"
+    return None, None
+
+
+def _missing_base_url() -> MissingConfigurationError:
+    examples = "; ".join(C.BASE_URL_EXAMPLES)
+    return MissingConfigurationError(
+        f"No Anyscale base URL configured. Pass api_base=... or set {C.ENV_API_BASE} (alias "
+        f"{C.ENV_BASE_URL_ALIAS}) in the environment or a .env file. A base URL ends in /v1, e.g. {examples}. "
+        f"(The public Anyscale Endpoints API at {C.RETIRED_ENDPOINTS_URL} closed on 2024-08-01.)"
+    )
+
+
+def normalize_base_url(url: str, origin: str = "api_base") -> str:
+    """Check a base URL and strip its trailing slash; refuse what cannot be a base URL."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{origin} must be a string URL, got {type(url).__name__}")
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"{origin} must be an http(s) URL such as http://host:port/v1, got {url!r}")
+    if parts.username or parts.password:
+        # Credentials in the URL would end up in logs and error messages.
+        raise ConfigurationError(
+            f"{origin} contains credentials (user:password@host); remove them and pass the key as "
+            f"api_key=... or {C.ENV_API_KEY}"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"{origin} must not carry a query string or fragment: {url!r}")
+    for suffix in (C.CHAT_PATH, C.COMPLETIONS_PATH):
+        if parts.path.endswith(suffix):
+            base = url[: -len(suffix)]
+            raise ConfigurationError(
+                f"{origin} should be the base URL, not an endpoint: use {base!r} instead of {url!r}"
+            )
+    if url.rstrip("/") == C.RETIRED_ENDPOINTS_URL:
+        warnings.warn(
+            f"{C.RETIRED_ENDPOINTS_URL} is the public Anyscale Endpoints API, which closed on 2024-08-01 "
+            "and now answers with an HTML notice. Point api_base at your own deployment "
+            f"({'; '.join(C.BASE_URL_EXAMPLES)}).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return url
+
+
+def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) -> Endpoint:
+    """Resolve the base URL and key with argument > environment > ``.env`` > error.
+
+    ``api_key=""`` means "no key": no Authorization header is sent (a local server without auth).
+    """
+    if api_base is not None:
+        base, base_origin = api_base, "argument"
+    else:
+        base, base_origin = _lookup(C.ENV_API_BASE_NAMES)
+        if base is None:
+            raise _missing_base_url()
+    base_url = normalize_base_url(base, base_origin or "api_base")
+
+    if api_key is not None:
+        if not isinstance(api_key, str):
+            raise ConfigurationError(f"api_key must be a string, got {type(api_key).__name__}")
+        key, key_origin = api_key, "argument"
+    else:
+        key, key_origin = _lookup((C.ENV_API_KEY,))
+        if key is None:
+            raise MissingConfigurationError(
+                f"No API key configured for {base_url}. Pass api_key=... or set {C.ENV_API_KEY} in the "
+                "environment or a .env file (an Anyscale Service uses its bearer token). For a local server "
+                "that needs no key, pass api_key=''."
+            )
+    return Endpoint(
+        base_url=base_url,
+        api_key=key or None,
+        base_url_origin=base_origin or "argument",
+        api_key_origin=key_origin,
+        base_url_explicit=api_base is not None,
+    )
+
+
+def resolve_timeout(timeout: float | tuple[float, float] | Timeout) -> Timeout:
+    """A number sets connect and read; a pair is (connect, read). ``None`` is refused: timeouts stay on."""
+    if isinstance(timeout, Timeout):
+        return timeout
+    if timeout is None:
+        raise ConfigurationError(
+            "timeout=None would let a stalled server hang the program forever; pass seconds, "
+            "e.g. timeout=60 or timeout=(5, 600) for (connect, read)"
+        )
+    if isinstance(timeout, tuple | list):
+        if len(timeout) != 2:
+            raise ConfigurationError(f"timeout pair must be (connect, read), got {timeout!r}")
+        connect, read = timeout
+    else:
+        connect = read = timeout
+    for name, value in (("connect", connect), ("read", read)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ConfigurationError(f"timeout {name} must be a positive number of seconds, got {value!r}")
+    return Timeout(connect=float(connect), read=float(read))

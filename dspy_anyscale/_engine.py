@@ -1,0 +1,170 @@
+"""The DSPy engine pair: one attempt per call, joining the wire mapping and the transport.
+
+DSPy owns everything around an attempt (cache, retries with backoff, ``n`` fan-out, history,
+usage, callbacks); an engine turns one ``dspy.lm15.Request`` into one ``Response`` or raises a
+``dspy.lm15`` error. The sync and async engines share the mapping; only the I/O differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from dspy.clients.engines.base import validate_request
+from dspy.lm15 import Request, Response
+
+from . import _constants as C
+from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
+from ._sse import aiter_sse, iter_sse
+from ._streaming import StreamTranslator
+from ._transport import AsyncTransport, SyncTransport
+from ._wire import WireCall, WireOptions, build_call, parse_response
+
+# Parameters DSPy adapters may send that this engine maps on the chat endpoint. /completions
+# carries the sampling knobs and logprobs, but not JSON mode or tools.
+_COMMON_PARAMS = frozenset(
+    {
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "stream",
+    }
+)
+_CHAT_PARAMS = frozenset({"response_format"})
+_TOOL_PARAMS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+
+
+class _EngineBase:
+    """What both engines share: the mapping options and the capabilities DSPy reads."""
+
+    # DSPy reads these attributes from a custom engine to decide what adapters send.
+    supports_reasoning = False
+
+    def __init__(self, transport: SyncTransport | AsyncTransport, options: WireOptions) -> None:
+        self.transport = transport
+        self.options = options
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.transport.endpoint.base_url!r}, endpoint={self.options.endpoint!r})"
+        )
+
+    @property
+    def _chat(self) -> bool:
+        return self.options.endpoint == "chat"
+
+    @property
+    def supports_function_calling(self) -> bool:
+        return self._chat and self.options.supports_tools
+
+    @property
+    def supports_response_schema(self) -> bool:
+        return self._chat and self.options.supports_response_schema
+
+    @property
+    def supported_params(self) -> frozenset[str]:
+        params = set(_COMMON_PARAMS)
+        if self._chat:
+            params |= _CHAT_PARAMS
+            if self.options.supports_tools:
+                params |= _TOOL_PARAMS
+        return frozenset(params)
+
+    def _call(self, request: Request, *, stream: bool = False) -> WireCall:
+        validate_request(request)
+        return build_call(request, self.options, stream=stream)
+
+    def _url(self, call: WireCall) -> str:
+        return self.transport.endpoint.url(call.path)
+
+    def dump_state(self) -> dict[str, Any]:
+        """Reconstruction state for DSPy's save of custom engines: no key, no header values."""
+        transport = self.transport
+        options = asdict(self.options)
+        options["extra_body"] = dict(self.options.extra_body)
+        return {
+            "base_url": transport.endpoint.base_url,
+            "timeout": list(transport.timeout.as_tuple()),
+            "pool_size": transport.pool_size,
+            "options": options,
+        }
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> _EngineBase:
+        """Rebuild from :meth:`dump_state`; the key is read again from the environment."""
+        endpoint = resolve_endpoint(api_base=state["base_url"])
+        transport_cls = AsyncTransport if cls is AsyncAnyscaleEngine else SyncTransport
+        transport = transport_cls(endpoint, resolve_timeout(tuple(state["timeout"])), pool_size=state["pool_size"])
+        return cls(transport, WireOptions(**state["options"]))
+
+
+class AnyscaleEngine(_EngineBase):
+    """Synchronous engine: ``complete`` and ``stream`` over a pooled ``requests`` adapter."""
+
+    transport: SyncTransport
+
+    def complete(self, request: Request) -> Response:
+        call = self._call(request)
+        reply = self.transport.request_json("POST", call.path, call.payload)
+        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        call = self._call(request, stream=True)
+        translator = StreamTranslator(call, request, url=self._url(call))
+        with self.transport.stream(call.path, call.payload) as chunks:
+            for event in iter_sse(chunks):
+                yield from translator.feed(event)
+        yield from translator.finish()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncAnyscaleEngine(_EngineBase):
+    """Async engine on httpx: awaits I/O on the caller's event loop, no thread pool."""
+
+    transport: AsyncTransport
+
+    async def complete(self, request: Request) -> Response:
+        call = self._call(request)
+        reply = await self.transport.request_json("POST", call.path, call.payload)
+        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        call = self._call(request, stream=True)
+        translator = StreamTranslator(call, request, url=self._url(call))
+        async with self.transport.stream(call.path, call.payload) as chunks:
+            async for event in aiter_sse(chunks):
+                for item in translator.feed(event):
+                    yield item
+        for item in translator.finish():
+            yield item
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def make_engines(
+    endpoint: Endpoint,
+    timeout: Timeout,
+    options: WireOptions,
+    *,
+    headers: Mapping[str, str] | None = None,
+    pool_size: int = C.DEFAULT_POOL_SIZE,
+) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
+    """The sync/async engine pair for one endpoint, each with its own connection pool."""
+    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options)
+    async_ = AsyncAnyscaleEngine(AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options)
+    return sync, async_

@@ -1,0 +1,134 @@
+"""OpenAI-style stream chunks (chat ``delta`` and completions ``text``) → ``dspy.lm15`` stream events.
+
+Events are produced as chunks arrive, never buffered. The stream is complete when ``[DONE]`` or
+a finish reason has arrived; a stream that stops with neither is an error, never a short answer.
+An ``{"error": ...}`` payload inside the stream raises the mapped lm15 error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from dspy import lm15
+from dspy.lm15 import (
+    Request,
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+)
+from requests.structures import CaseInsensitiveDict
+
+from ._http_errors import PROVIDER, error_for_status, preview
+from ._sse import ServerSentEvent
+from ._wire import WireCall, chat_logprobs, completions_logprobs, finish_reason, usage_from
+from .errors import UnexpectedResponseError
+
+_DONE = "[DONE]"
+
+
+class StreamTranslator:
+    """Stateful translation of one streamed response. ``feed`` each SSE event, then ``finish``."""
+
+    def __init__(self, call: WireCall, request: Request, *, url: str) -> None:
+        self._chat = call.endpoint == "chat"
+        self._model = request.model
+        self._url = url
+        self._started = False
+        self._done = False
+        self._finish: str | None = None
+        self._usage: lm15.Usage | None = None
+        self._parts: dict[tuple[Any, ...], int] = {}
+        self.characters = 0
+
+    def feed(self, sse: ServerSentEvent) -> list[Any]:
+        if self._done:
+            return []
+        if sse.data.strip() == _DONE:
+            self._done = True
+            return []
+        chunk = self._parse(sse.data)
+        events: list[Any] = []
+        if not self._started:
+            self._started = True
+            events.append(StreamStartEvent(id=chunk.get("id") or None, model=chunk.get("model") or self._model))
+        if isinstance(chunk.get("usage"), Mapping):
+            self._usage = usage_from(chunk["usage"])
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, Mapping) and choice.get("index", 0) == 0:
+                events.extend(self._choice(choice))
+        return events
+
+    def finish(self) -> list[Any]:
+        if not self._done and self._finish is None:
+            got = f"after {self.characters} characters" if self._started else "before any data"
+            raise lm15.TransportError(
+                f"The stream from POST {self._url} ended {got} without [DONE] or a finish reason; "
+                "the answer is incomplete",
+                provider=PROVIDER,
+            )
+        if not self._started:
+            raise UnexpectedResponseError(
+                f"The stream from POST {self._url} ended with [DONE] but carried no data", provider=PROVIDER
+            )
+        return [StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
+
+    def _parse(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UnexpectedResponseError(
+                f"A stream event from POST {self._url} is not JSON: {preview(data)}", provider=PROVIDER
+            ) from None
+        if not isinstance(chunk, dict):
+            raise UnexpectedResponseError(
+                f"A stream event from POST {self._url} is not a JSON object: {preview(data)}", provider=PROVIDER
+            )
+        if "error" in chunk:
+            raise self._error(chunk)
+        return chunk
+
+    def _error(self, chunk: dict[str, Any]) -> lm15.LM15Error:
+        error = chunk["error"]
+        code = error.get("code") if isinstance(error, Mapping) else None
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        return error_for_status(status, orjson.dumps(chunk), CaseInsensitiveDict(), url=self._url, secret=None)
+
+    def _index(self, *key: Any) -> int:
+        return self._parts.setdefault(key, len(self._parts))
+
+    def _choice(self, choice: Mapping[str, Any]) -> list[Any]:
+        events: list[Any] = []
+        if self._chat:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                events.append(StreamDeltaEvent(ThinkingDelta(text=str(reasoning), part_index=self._index("thinking"))))
+            text = delta.get("content")
+            logprobs = chat_logprobs(choice.get("logprobs")) or ()
+            for call in delta.get("tool_calls") or ():
+                events.append(self._tool_delta(call))
+        else:
+            text = choice.get("text")
+            logprobs = completions_logprobs(choice.get("logprobs")) or ()
+        if text:
+            self.characters += len(text)
+            events.append(StreamDeltaEvent(TextDelta(text=text, part_index=self._index("text"), logprobs=logprobs)))
+        if choice.get("finish_reason"):
+            self._finish = str(choice["finish_reason"])
+        return events
+
+    def _tool_delta(self, call: Mapping[str, Any]) -> StreamDeltaEvent:
+        function = call.get("function") or {}
+        return StreamDeltaEvent(
+            ToolCallDelta(
+                input=function.get("arguments") or "",
+                part_index=self._index("tool", call.get("index", 0)),
+                id=call.get("id"),
+                name=function.get("name"),
+            )
+        )

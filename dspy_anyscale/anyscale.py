@@ -1,0 +1,309 @@
+"""``Anyscale``: DSPy's LM for Anyscale-style OpenAI-compatible endpoints.
+
+Anyscale Services (Ray Serve LLM), vLLM's OpenAI server, llama.cpp's ``llama-server`` and gateways
+in front of them all speak ``POST /completions`` and ``POST /chat/completions``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from dspy.clients.base_lm import LM_CLASS_STATE_KEY
+
+from . import _constants as C
+from ._config import Timeout, resolve_endpoint, resolve_timeout
+from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
+from ._params import DSPY_CALL_KEYS, DSPY_GENERATION_KEYS, plan_direct_call, split_constructor_kwargs
+from ._wire import EndpointKind, WireOptions
+from .errors import ConfigurationError
+from .hf_model import HFModel
+
+# Constructor settings that change the connection or the wire: copy() builds new engines for them.
+_REBUILD_KEYS = frozenset(
+    {
+        "api_base",
+        "api_key",
+        "use_chat_api",
+        "timeout",
+        "system_prompt",
+        "prompt_template",
+        "response_format_style",
+        "supports_tools",
+        "supports_response_schema",
+        "headers",
+        "pool_size",
+    }
+)
+_SECRET_HEADER_WORDS = ("key", "token", "secret", "authorization", "password", "cookie")
+
+
+def is_secret_header(name: str) -> bool:
+    """Header names whose values must never be logged, saved or pickled."""
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_HEADER_WORDS)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Everything about the connection and the wire that is not DSPy's, minus the key."""
+
+    api_base: str | None  # None: resolved from the environment each time the LM is rebuilt
+    timeout: Timeout
+    options: WireOptions
+    headers: Mapping[str, str] = field(default_factory=dict)
+    pool_size: int = C.DEFAULT_POOL_SIZE
+
+    def portable(self) -> _Settings:
+        """The settings a saved or pickled LM keeps: secret-looking header values are dropped."""
+        return replace(self, headers={k: v for k, v in self.headers.items() if not is_secret_header(k)})
+
+
+def _check_template(template: str | None) -> str | None:
+    if template is not None and (not isinstance(template, str) or template.count("{prompt}") != 1):
+        raise ConfigurationError(
+            f"prompt_template must contain '{{prompt}}' exactly once, e.g. '[INST]{{prompt}}[/INST]'; got {template!r}"
+        )
+    return template
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    headers = dict(headers or {})
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigurationError("headers must map header names to string values")
+    return headers
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class Anyscale(HFModel):
+    """A DSPy LM for a model served behind an Anyscale-style, OpenAI-compatible endpoint.
+
+    >>> lm = Anyscale("meta-llama/Llama-2-70b-chat-hf", use_chat_api=True)   # doctest: +SKIP
+    >>> dspy.configure(lm=lm)                                                 # doctest: +SKIP
+
+    Args:
+        model: the model id the server serves (``GET {api_base}/models`` lists them).
+        api_base: base URL ending in ``/v1``; else ``ANYSCALE_API_BASE`` / ``ANYSCALE_BASE_URL`` from
+            the environment or a ``.env`` file.
+        api_key: bearer token; else ``ANYSCALE_API_KEY``. ``""`` sends no Authorization header.
+        use_chat_api: ``True`` sends ``/chat/completions``; ``False`` (the old client's default)
+            sends ``/completions``, rendering DSPy's turns into one prompt. Per direct call too:
+            ``lm._generate(prompt, use_chat_api=True)``.
+        timeout: seconds for connect and read, or a ``(connect, read)`` pair. Always on.
+        num_retries: DSPy's retries of transient failures (429, 5xx, timeouts, connection errors),
+            with exponential backoff that honours ``Retry-After``.
+        system_prompt: a system message sent with every chat request, joined with the system
+            message DSPy's adapters send into one (Anyscale refuses a second system message);
+            on ``/completions`` it is the first block of the prompt.
+        prompt_template: wraps every ``/completions`` prompt, e.g. ``"[INST]{prompt}[/INST]"``.
+        response_format_style: ``"openai"`` sends ``{"type": "json_schema", "json_schema": ...}``
+            (vLLM, Ray Serve LLM, llama.cpp); ``"anyscale"`` sends Anyscale Endpoints' own
+            ``{"type": "json_object", "schema": ...}``.
+        supports_tools / supports_response_schema: declare ``False`` for servers or models without
+            tool calling / schema-constrained JSON; DSPy's adapters then do not ask for them.
+        headers: extra HTTP headers on every request (e.g. a gateway's).
+        pool_size: connections kept open per pool; at least your thread count.
+        temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
+        **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
+            DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        use_chat_api: bool = False,
+        timeout: float | tuple[float, float] = (C.DEFAULT_CONNECT_TIMEOUT, C.DEFAULT_READ_TIMEOUT),
+        num_retries: int = C.DEFAULT_NUM_RETRIES,
+        *,
+        system_prompt: str | None = None,
+        prompt_template: str | None = None,
+        response_format_style: Literal["openai", "anyscale"] = "openai",
+        supports_tools: bool = True,
+        supports_response_schema: bool = True,
+        headers: Mapping[str, str] | None = None,
+        pool_size: int = C.DEFAULT_POOL_SIZE,
+        temperature: float | None = C.DEFAULT_TEMPERATURE,
+        max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
+        cache: bool = True,
+        callbacks: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigurationError("model must be a non-empty string, e.g. 'meta-llama/Llama-2-70b-chat-hf'")
+        if response_format_style not in ("openai", "anyscale"):
+            raise ConfigurationError(
+                f"response_format_style must be 'openai' or 'anyscale', got {response_format_style!r}"
+            )
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError(f"pool_size must be a positive integer, got {pool_size!r}")
+        carried, extras = split_constructor_kwargs(kwargs)
+        chat = _check_flag("use_chat_api", use_chat_api)
+        options = WireOptions(
+            endpoint="chat" if chat else "completions",
+            system_prompt=system_prompt,
+            prompt_template=_check_template(prompt_template),
+            extra_body=extras,
+            response_format_style=response_format_style,
+            supports_tools=_check_flag("supports_tools", supports_tools),
+            supports_response_schema=_check_flag("supports_response_schema", supports_response_schema),
+        )
+        settings = _Settings(api_base, resolve_timeout(timeout), options, _check_headers(headers), pool_size)
+        engine, async_engine = self._connect(settings, api_key)
+        self._settings = settings
+        super().__init__(
+            model,
+            engine=engine,
+            async_engine=async_engine,
+            model_type="chat" if chat else "text",
+            temperature=temperature,
+            max_tokens=max_tokens,
+            cache=cache,
+            callbacks=callbacks,
+            num_retries=num_retries,
+            **carried,
+        )
+        plan_direct_call(self.kwargs, {})  # refuse invalid defaults now, not on the first call
+
+    @staticmethod
+    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
+        endpoint = resolve_endpoint(settings.api_base, api_key)
+        return make_engines(
+            endpoint, settings.timeout, settings.options, headers=settings.headers, pool_size=settings.pool_size
+        )
+
+    # --- what the instance is ---------------------------------------------------------------------
+
+    @property
+    def api_base(self) -> str:
+        return self.engine.transport.endpoint.base_url
+
+    @property
+    def use_chat_api(self) -> bool:
+        return self._settings.options.endpoint == "chat"
+
+    @property
+    def timeout(self) -> Timeout:
+        return self._settings.timeout
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._settings.options.system_prompt
+
+    @property
+    def prompt_template(self) -> str | None:
+        return self._settings.options.prompt_template
+
+    @property
+    def extra_body(self) -> Mapping[str, Any]:
+        """Provider-specific parameters sent in every request body."""
+        return self._settings.options.extra_body
+
+    def __repr__(self) -> str:
+        return f"Anyscale(model={self.model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
+
+    # --- direct calls ------------------------------------------------------------------------------
+
+    def _generate(self, prompt: str, use_chat_api: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+        """``{"prompt": prompt, "choices": [{"text": ...}, ...]}`` from ``/completions`` or, with
+        ``use_chat_api=True`` (``None``: the instance default), ``/chat/completions``."""
+        return super()._generate(prompt, use_chat_api=use_chat_api, **kwargs)
+
+    def _direct_extensions(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        use_chat_api = kwargs.pop("use_chat_api", None)
+        endpoint: EndpointKind = self._settings.options.endpoint
+        if use_chat_api is not None:
+            endpoint = "chat" if _check_flag("use_chat_api", use_chat_api) else "completions"
+        # The endpoint travels in the request, so the two endpoints never share a cache entry;
+        # the constructor's extras too, so a cached answer matches the body that produced it.
+        return {**self.extra_body, C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint}}
+
+    # --- copies, saving, pickling ---------------------------------------------------------------
+
+    def _init_args(self, settings: _Settings) -> dict[str, Any]:
+        options = settings.options
+        args: dict[str, Any] = {
+            "model": self.model,
+            "use_chat_api": options.endpoint == "chat",
+            "timeout": list(settings.timeout.as_tuple()),
+            "num_retries": self.num_retries,
+            "system_prompt": options.system_prompt,
+            "prompt_template": options.prompt_template,
+            "response_format_style": options.response_format_style,
+            "supports_tools": options.supports_tools,
+            "supports_response_schema": options.supports_response_schema,
+            "pool_size": settings.pool_size,
+            "cache": self.cache,
+            **self.kwargs,
+            **options.extra_body,
+        }
+        if settings.api_base is not None:
+            args["api_base"] = settings.api_base
+        if settings.headers:
+            args["headers"] = dict(settings.headers)
+        return args
+
+    def dump_state(self) -> dict[str, Any]:
+        """State for ``program.save``: constructor arguments, never the key or secret header values.
+
+        ``api_base`` is saved only when it was passed explicitly; DSPy drops it on load unless
+        ``allow_unsafe_lm_state=True`` (needed for this class anyway), else the environment decides.
+        """
+        state = self._init_args(self._settings.portable())
+        return {LM_CLASS_STATE_KEY: f"{type(self).__module__}.{type(self).__qualname__}", **state}
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any], *, allow_custom_lm_class: bool = False) -> Anyscale:
+        state = {key: value for key, value in state.items() if key != LM_CLASS_STATE_KEY}
+        if isinstance(state.get("timeout"), list):
+            state["timeout"] = tuple(state["timeout"])
+        return cls(**state)
+
+    def copy(self, **kwargs: Any) -> Anyscale:
+        """A copy with changed settings. DSPy-level changes (temperature, rollout_id, ...) share the
+        connection pools; connection or wire changes (use_chat_api, api_base, extras, ...) build
+        new ones. The key carries over unless ``api_key=`` is given."""
+        rebuild = {key: kwargs.pop(key) for key in list(kwargs) if self._is_connection_setting(key)}
+        if not rebuild:
+            return super().copy(**kwargs)
+        args = {**self._init_args(self._settings), **rebuild}
+        args.setdefault("api_key", self.engine.transport.endpoint.api_key or "")
+        new = type(self)(**args)
+        new.callbacks = list(self.callbacks)
+        return new.copy(**kwargs) if kwargs else new
+
+    def _is_connection_setting(self, key: str) -> bool:
+        """True for constructor settings DSPy's copy() cannot apply: ours, and provider extras."""
+        if key in _REBUILD_KEYS:
+            return True
+        return key not in DSPY_GENERATION_KEYS and key not in DSPY_CALL_KEYS and not hasattr(self, key)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # The engines hold the key: they are rebuilt from the environment on unpickling.
+        state.pop("_engine_spec", None)
+        state.pop("_async_engine_spec", None)
+        state["_settings"] = self._settings.portable()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._engine_spec, self._async_engine_spec = self._connect(self._settings, None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Anyscale:
+        # A deep copy is a new LM on the same connection (like copy()), not a re-read of the
+        # environment, which a pickle round trip would be.
+        new = copy.copy(self)
+        new.kwargs = copy.deepcopy(self.kwargs, memo)
+        new.history = copy.deepcopy(self.history, memo)
+        new.callbacks = list(self.callbacks)
+        return new

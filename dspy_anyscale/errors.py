@@ -1,0 +1,103 @@
+"""The exceptions dspy-anyscale raises, and the DSPy ones it raises through.
+
+Two families reach a user, depending on where a failure is found:
+
+Found before any network call, by this package (construction, argument checks)::
+
+    AnyscaleError                      base class of everything raised by this package itself
+    ├── ConfigurationError             bad configuration (also a ValueError and DSPy's LMConfigurationError)
+    │   └── MissingConfigurationError  no base URL / API key found (also DSPy's LMNotConfiguredError)
+    └── UnsupportedParameterError      a parameter this endpoint cannot carry (also a ValueError and
+                                       DSPy's LMUnsupportedFeatureError)
+
+Found while talking to the server. The engine raises ``dspy.lm15`` errors, the contract DSPy's
+retry loop reads; every DSPy call (``lm(...)``, ``await lm.acall(...)``, any module) re-raises
+them as DSPy's public errors, with the lm15 error as ``__cause__``::
+
+    HTTP / transport failure              engine raises (dspy.lm15)    you catch (dspy.utils.exceptions)
+    401, 403                              AuthError                    LMAuthError              not retried
+    402                                   BillingError                 LMBillingError           not retried
+    429 (Retry-After honoured)            RateLimitError               LMRateLimitError         retried
+    400 prompt too long                   ContextLengthError           ContextWindowExceededError  not retried
+    404 unknown model                     UnsupportedModelError        LMUnsupportedModelError  not retried
+    other 4xx                             InvalidRequestError          LMInvalidRequestError    not retried
+    408, 504, connect/read timeout        TimeoutError                 LMTimeoutError           retried
+    5xx                                   ServerError                  LMServerError            retried
+    connection refused/reset, DNS, TLS    TransportError               LMTransportError         retried
+    2xx body that is not the JSON an      UnexpectedResponseError      LMProviderError          not retried
+      OpenAI-compatible server sends        (an lm15 ProviderError)
+    a field the wire cannot carry         UnsupportedFeatureError      LMUnsupportedFeatureError  not retried
+
+All of DSPy's classes are re-exported here, so ``from dspy_anyscale.errors import LMRateLimitError``
+works. No message ever contains the API key.
+"""
+
+from __future__ import annotations
+
+from dspy.lm15 import ProviderError
+from dspy.utils.exceptions import (
+    ContextWindowExceededError,
+    LMAuthError,
+    LMBillingError,
+    LMConfigurationError,
+    LMError,
+    LMInvalidRequestError,
+    LMNotConfiguredError,
+    LMProviderError,
+    LMRateLimitError,
+    LMServerError,
+    LMTimeoutError,
+    LMTransportError,
+    LMUnexpectedError,
+    LMUnsupportedFeatureError,
+    LMUnsupportedModelError,
+)
+
+__all__ = [
+    "AnyscaleError",
+    "ConfigurationError",
+    "ContextWindowExceededError",
+    "LMAuthError",
+    "LMBillingError",
+    "LMConfigurationError",
+    "LMError",
+    "LMInvalidRequestError",
+    "LMNotConfiguredError",
+    "LMProviderError",
+    "LMRateLimitError",
+    "LMServerError",
+    "LMTimeoutError",
+    "LMTransportError",
+    "LMUnexpectedError",
+    "LMUnsupportedFeatureError",
+    "LMUnsupportedModelError",
+    "MissingConfigurationError",
+    "UnexpectedResponseError",
+    "UnsupportedParameterError",
+]
+
+
+class AnyscaleError(Exception):
+    """Base class of every exception raised by dspy-anyscale itself."""
+
+
+class ConfigurationError(AnyscaleError, LMConfigurationError, ValueError):
+    """The configuration given (argument, environment or ``.env``) cannot work; says what and how to fix it."""
+
+
+class MissingConfigurationError(ConfigurationError, LMNotConfiguredError):
+    """A required setting (base URL, API key) was found nowhere; names the variable to set."""
+
+
+class UnsupportedParameterError(AnyscaleError, LMUnsupportedFeatureError, ValueError):
+    """A generation parameter this endpoint cannot carry; refused instead of being dropped."""
+
+
+class UnexpectedResponseError(ProviderError):
+    """The server answered 2xx with something that is not an OpenAI-compatible JSON body.
+
+    Raised by the engine (an lm15 ``ProviderError``, so DSPy does not retry it and re-raises it as
+    ``LMProviderError``). The message names the URL, the status and what came back.
+    """
+
+    default_code = "unexpected_response"

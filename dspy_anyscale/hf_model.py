@@ -1,0 +1,165 @@
+"""``HFModel``: the dspy-ai 2.4 ``HFModel`` surface on a real DSPy 3.4 LM driven by an engine.
+
+Everything runs through DSPy's own call path, so its cache, retries with backoff, ``n``
+fan-out, history, usage tracking and callbacks apply to direct prompts as much as to programs.
+``forward``/``aforward`` are not overridden (that path is deprecated and loses all of the above).
+
+Three ways in:
+
+* ``lm("prompt")`` / ``lm._generate("prompt")`` / ``lm.request(...)``: the old direct surface,
+  returning ``list[str]`` / ``{"prompt", "choices": [{"text", ...}]}``;
+* ``lm(messages=[...])``: what DSPy's adapters do, returning DSPy's outputs;
+* ``lm(dspy.lm15.Request(...))``: returns a ``dspy.lm15.Response``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dspy
+from dspy.lm15 import Request, Response
+
+from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
+from .errors import UnsupportedParameterError
+
+
+def choice_from(response: Response, *, logprobs: bool) -> dict[str, Any]:
+    """One ``choices`` entry of the old ``_generate`` format, from a canonical Response."""
+    choice: dict[str, Any] = {"text": response.text or "", "finish_reason": response.finish_reason}
+    thinking = [part.text for part in response.message.parts if part.type == "thinking"]
+    if thinking:
+        choice["reasoning_content"] = "".join(thinking)
+    if logprobs:
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": token.token,
+                    "logprob": token.logprob,
+                    "top_logprobs": [{"token": top.token, "logprob": top.logprob} for top in token.top],
+                }
+                for token in response.logprobs or ()
+            ]
+        }
+    return choice
+
+
+def select_choices(
+    choices: Sequence[dict[str, Any]], only_completed: bool, return_sorted: bool
+) -> list[dict[str, Any]]:
+    """The old client's choice filtering: drop truncated choices (unless all are), sort by mean logprob."""
+    selected = list(choices)
+    if only_completed:
+        selected = [choice for choice in selected if choice.get("finish_reason") != "length"] or selected
+    if return_sorted:
+        scores = [_mean_logprob(choice) for choice in selected]
+        if any(score is None for score in scores):
+            raise UnsupportedParameterError(
+                "return_sorted=True needs token logprobs, and the server returned none", features=["return_sorted"]
+            )
+        selected = [choice for _, choice in sorted(zip(scores, selected, strict=True), key=lambda pair: -pair[0])]
+    return selected
+
+
+def _mean_logprob(choice: Mapping[str, Any]) -> float | None:
+    tokens = (choice.get("logprobs") or {}).get("content") or []
+    return sum(token["logprob"] for token in tokens) / len(tokens) if tokens else None
+
+
+class HFModel(dspy.LM):
+    """The old ``HFModel`` interface (``kwargs``, ``history``, ``_generate``, ``basic_request``,
+    ``request``, ``__call__(prompt, only_completed, return_sorted)``, ``inspect_history``) as a
+    DSPy 3.4 ``dspy.LM`` that runs through ``engine`` / ``async_engine``."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        engine: Any,
+        async_engine: Any = None,
+        model_type: str = "chat",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, model_type=model_type, engine=engine, async_engine=async_engine, **kwargs)
+
+    # --- the old direct surface ----------------------------------------------------------------
+
+    def __call__(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
+        """``lm("text")`` → ``list[str]`` (old surface); ``messages=`` or a ``Request`` → DSPy's call."""
+        if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
+            check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
+            return super().__call__(prompt, **kwargs)
+        if not isinstance(prompt, str):
+            raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
+        if return_sorted:
+            kwargs.setdefault("logprobs", True)
+        response = self.request(prompt, **kwargs)
+        return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
+
+    async def acall(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
+        """Async twin of :meth:`__call__`, with the same three ways in."""
+        if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
+            check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
+            return await super().acall(prompt, **kwargs)
+        if not isinstance(prompt, str):
+            raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
+        if return_sorted:
+            kwargs.setdefault("logprobs", True)
+        response = await self._agenerate(prompt, **kwargs)
+        return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
+
+    def request(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
+        return self.basic_request(prompt, **kwargs)
+
+    def basic_request(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
+        # DSPy records each call in self.history; nothing to add here.
+        return self._generate(prompt, **kwargs)
+
+    def _generate(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
+        """``{"prompt": prompt, "choices": [{"text", "finish_reason", ...}, ...]}``, one choice per ``n``."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        plan = self._plan(kwargs)
+        request = self._direct_request(prompt, plan)
+        responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
+        return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+
+    async def _agenerate(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
+        """Async :meth:`_generate`; candidates are requested concurrently."""
+        import asyncio
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        plan = self._plan(kwargs)
+        request = self._direct_request(prompt, plan)
+        responses = await asyncio.gather(
+            *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
+        )
+        return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+
+    def _plan(self, kwargs: Mapping[str, Any]) -> DirectPlan:
+        """Merge instance defaults with call options and sort them. Subclasses add wire extensions."""
+        kwargs = dict(kwargs)
+        extensions = self._direct_extensions(kwargs)  # takes the subclass's own keys out of kwargs
+        return plan_direct_call({**self.kwargs, **kwargs}, extensions)
+
+    def _direct_extensions(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _direct_request(self, prompt: str, plan: DirectPlan) -> Request:
+        return plan.request(self.model, prompt)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pools (DSPy treats a custom engine as borrowed; this LM owns it)."""
+        super().close()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        aclose = getattr(self._async_engine_spec, "aclose", None)
+        if aclose is not None:
+            await aclose()
