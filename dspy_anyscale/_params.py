@@ -48,10 +48,13 @@ DSPY_CALL_KEYS = frozenset({"cache", "rollout_id"})
 CONNECTION_KEYS = frozenset({"api_key", "api_base", "base_url", "headers", "extra_headers", "timeout"})
 _SAMPLING = ("temperature", "max_tokens", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
 _WELL_KNOWN = sorted(DSPY_GENERATION_KEYS | DSPY_CALL_KEYS)
+_WELL_KNOWN_SET = frozenset(_WELL_KNOWN)
 
 
 def _guard_typo(key: str) -> None:
     """Refuse a key that looks like a misspelt standard parameter instead of sending it as an extra."""
+    if key in _WELL_KNOWN_SET:
+        return
     close = difflib.get_close_matches(key, _WELL_KNOWN, n=1, cutoff=0.8)
     if close and close[0] != key:
         raise UnsupportedParameterError(
@@ -141,19 +144,25 @@ def plan_direct_call(options: Mapping[str, Any], extensions: Mapping[str, Any]) 
                 features=[key],
             )
         options.pop(key, None)
-    config = _typed_config(options)
+    fields = _typed_fields(options)
     for key, value in options.items():
         if value is None:
             continue
         _guard_typo(key)
         extras[key] = value
-    if extras:
-        config = Config(**{**_config_fields(config), "extensions": extras})
+    config = _config(fields, extras)
     return DirectPlan(config, n, call_kwargs, logprobs=config.logprobs is not None)
 
 
-def _typed_config(options: dict[str, Any]) -> Config:
-    """Pop every option with a typed Config field and build the Config (validating values)."""
+def _config(fields: dict[str, Any], extensions: dict[str, Any] | None = None) -> Config:
+    try:
+        return Config(**fields, extensions=extensions or None)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedParameterError(f"Invalid generation parameter: {exc}") from exc
+
+
+def _typed_fields(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop every option that has a typed Config field, spelled as Config wants it."""
     fields: dict[str, Any] = {name: options.pop(name) for name in _SAMPLING if name in options}
     fields = {name: value for name, value in fields.items() if value is not None}
     alias = options.pop("max_completion_tokens", None)
@@ -173,14 +182,7 @@ def _typed_config(options: dict[str, Any]) -> Config:
     response_format = options.pop("response_format", None)
     if response_format is not None:
         fields["response_format"] = normalize_response_format(response_format)
-    try:
-        return Config(**fields)
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedParameterError(f"Invalid generation parameter: {exc}") from exc
-
-
-def _config_fields(config: Config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+    return fields
 
 
 def _logprobs(logprobs: Any, top_logprobs: Any) -> int | None:

@@ -105,6 +105,42 @@ def _log(method: str, url: str, status: int | str, started: float) -> None:
 # --- sync ------------------------------------------------------------------------------------
 
 
+class _OneHostAdapter(HTTPAdapter):
+    """An ``HTTPAdapter`` for a client that only ever talks to one base URL.
+
+    ``send`` is the base class's (so ``responses`` mocks still apply); two per-request costs it
+    pays are skipped: the connection-pool lookup (parsing the URL and normalising a pool key on
+    every call; memoised per URL when no proxy is involved) and cookie extraction (an API client
+    keeps no cookie jar).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pools: dict[str, Any] = {}
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):  # type: ignore[override]
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        pool = self._pools.get(request.url)
+        if pool is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            self._pools[request.url] = pool
+        return pool
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
+
+
+
 class SyncTransport:
     """Thread-safe, pooled HTTP to one base URL. The API key lives here and nowhere else."""
 
@@ -121,10 +157,12 @@ class SyncTransport:
         self.pool_size = pool_size
         self._secret = endpoint.api_key
         self._headers = build_headers(endpoint.api_key, headers)
-        self._adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self._adapter = _OneHostAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._proxies = requests.utils.get_environ_proxies(endpoint.base_url)
         self._verify: bool | str = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._templates: dict[tuple[str, str], requests.PreparedRequest] = {}
+        # An LM nobody closes still releases its sockets when collected (no ResourceWarning).
+        weakref.finalize(self, self._adapter.close)
 
     def __repr__(self) -> str:
         return f"SyncTransport(base_url={self.endpoint.base_url!r})"
@@ -237,32 +275,36 @@ class AsyncTransport:
         self.pool_size = pool_size
         self._secret = endpoint.api_key
         self._headers = build_headers(endpoint.api_key, headers)
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+        # Per loop: the client and the async generator that closes it when the loop shuts down.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, Any]] = (
             weakref.WeakKeyDictionary()
         )
 
     def __repr__(self) -> str:
         return f"AsyncTransport(base_url={self.endpoint.base_url!r})"
 
-    def _client(self) -> httpx.AsyncClient:
+    async def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            import httpx  # only the async path needs it
+        entry = self._clients.get(loop)
+        if entry is None:
+            client = self._new_client()
+            closer = _close_at_loop_shutdown(client)
+            await closer.__anext__()
+            entry = self._clients.setdefault(loop, (client, closer))
+            if entry[0] is not client:  # another task of this loop won the race
+                await closer.aclose()
+        return entry[0]
 
-            client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(
-                    connect=self.timeout.connect,
-                    read=self.timeout.read,
-                    write=self.timeout.read,
-                    pool=self.timeout.read,
-                ),
-                limits=httpx.Limits(max_connections=self.pool_size, max_keepalive_connections=self.pool_size),
-                trust_env=True,
-            )
-            self._clients[loop] = client
-        return client
+    def _new_client(self) -> httpx.AsyncClient:
+        import httpx  # only the async path needs it
+
+        timeout = self.timeout
+        return httpx.AsyncClient(
+            headers=self._headers,
+            timeout=httpx.Timeout(connect=timeout.connect, read=timeout.read, write=timeout.read, pool=timeout.read),
+            limits=httpx.Limits(max_connections=self.pool_size, max_keepalive_connections=self.pool_size),
+            trust_env=True,
+        )
 
     def _translate(self, exc: Exception, method: str, url: str) -> lm15.LM15Error:
         import httpx
@@ -280,7 +322,7 @@ class AsyncTransport:
     async def _send(self, method: str, url: str, body: bytes | None, *, stream: bool) -> httpx.Response:
         import httpx
 
-        client = self._client()
+        client = await self._client()
         for attempt in (0, 1):
             try:
                 request = client.build_request(method, url, content=body)
@@ -337,10 +379,16 @@ class AsyncTransport:
             raise self._translate(exc, "POST", url) from exc
 
     async def aclose(self) -> None:
-        """Close the client of the running loop; clients of closed loops are released."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose()
-        for other in [other for other in self._clients if other.is_closed()]:
-            self._clients.pop(other, None)
+        """Close the client of the running loop (those of other loops close when their loop shuts down)."""
+        entry = self._clients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+
+async def _close_at_loop_shutdown(client: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Parked after its first step; ``loop.shutdown_asyncgens()`` (which ``asyncio.run`` calls before
+    closing the loop) resumes it with GeneratorExit, and the client is closed inside its own loop."""
+    try:
+        yield
+    finally:
+        await client.aclose()

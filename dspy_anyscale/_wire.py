@@ -20,15 +20,16 @@ from dspy.lm15 import (
     FunctionTool,
     ImagePart,
     Message,
+    RefusalPart,
     Request,
     Response,
     TextPart,
+    ThinkingPart,
     TokenLogprob,
     ToolCallPart,
     ToolResultPart,
     TopLogprob,
     Usage,
-    response_from_openai_chat,
 )
 
 from . import _constants as C
@@ -76,7 +77,8 @@ class WireOptions:
     supports_response_schema: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extra_body", MappingProxyType(dict(self.extra_body)))
+        # A private copy: the caller's dict may change later. (Not a MappingProxyType: options pickle.)
+        object.__setattr__(self, "extra_body", dict(self.extra_body))
 
 
 @dataclass(frozen=True)
@@ -380,12 +382,10 @@ def parse_response(data: dict[str, Any], call: WireCall, request: Request, *, ur
         raise _unexpected(data, url, status, "Expected a non-empty 'choices' list")
     try:
         if call.endpoint == "chat":
-            if not isinstance(choices[0].get("message"), dict):
-                raise _unexpected(data, url, status, "Expected choices[0].message")
-            return response_from_openai_chat(data, model=request.model, choice=0)
+            return _chat_response(data, choices[0], request)
         return _completions_response(data, choices[0], request)
-    except (TypeError, ValueError) as exc:
-        raise _unexpected(data, url, status, f"Malformed response ({exc})") from exc
+    except (TypeError, ValueError, KeyError) as exc:
+        raise _unexpected(data, url, status, f"Malformed response ({type(exc).__name__}: {exc})") from exc
 
 
 def _unexpected(data: Any, url: str, status: int, why: str) -> UnexpectedResponseError:
@@ -410,6 +410,62 @@ def usage_from(data: Mapping[str, Any] | None) -> Usage:
         total_tokens=data.get("total_tokens"),
         cache_read_tokens=cached,
     )
+
+
+def _chat_response(data: dict[str, Any], choice: dict[str, Any], request: Request) -> Response:
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        raise ValueError("choices[0].message is missing")
+    parts: list[Any] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if reasoning:
+        parts.append(ThinkingPart(str(reasoning)))
+    parts.extend(_content_parts(message.get("content")))
+    if message.get("refusal"):
+        parts.append(RefusalPart(str(message["refusal"])))
+    calls = [_tool_call(call, index) for index, call in enumerate(message.get("tool_calls") or ())]
+    parts.extend(calls)
+    return Response(
+        id=str(data["id"]) if data.get("id") else None,
+        model=str(data.get("model") or request.model),
+        message=Message(role="assistant", parts=tuple(parts) or (TextPart(""),)),
+        finish_reason="tool_call" if calls else finish_reason(choice.get("finish_reason")),
+        usage=usage_from(data.get("usage")),
+        logprobs=chat_logprobs(choice.get("logprobs")),
+        provider_data=data,
+    )
+
+
+def _content_parts(content: Any) -> list[TextPart]:
+    if content is None or content == "":
+        return []
+    if isinstance(content, str):
+        return [TextPart(content)]
+    if isinstance(content, list):  # content blocks; servers answer with text blocks only
+        return [TextPart(str(block.get("text", ""))) for block in content if isinstance(block, Mapping)]
+    raise ValueError(f"message.content is a {type(content).__name__}")
+
+
+def _tool_call(call: Any, index: int) -> ToolCallPart:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not function.get("name"):
+        raise ValueError(f"tool_calls[{index}] has no function name")
+    return ToolCallPart(id=str(call.get("id") or f"call_{index}"), name=str(function["name"]),
+                        input=tool_arguments(function.get("arguments")))
+
+
+def tool_arguments(arguments: Any) -> dict[str, Any]:
+    """Tool-call arguments as a JSON object. Like lm15's own reader, text that is not JSON (small
+    models do this) is kept as ``{"partial_json": text}`` rather than failing the whole call."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments:
+        return {}
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):
+        return {"partial_json": str(arguments)}
+    return value if isinstance(value, dict) else {"value": value}
 
 
 def _completions_response(data: dict[str, Any], choice: dict[str, Any], request: Request) -> Response:

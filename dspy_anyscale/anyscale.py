@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Literal
 
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
@@ -205,8 +206,8 @@ class Anyscale(HFModel):
 
     @property
     def extra_body(self) -> Mapping[str, Any]:
-        """Provider-specific parameters sent in every request body."""
-        return self._settings.options.extra_body
+        """Provider-specific parameters sent in every request body (read-only)."""
+        return MappingProxyType(self._settings.options.extra_body)
 
     def __repr__(self) -> str:
         return f"Anyscale(model={self.model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"

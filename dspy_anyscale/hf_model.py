@@ -139,9 +139,17 @@ class HFModel(dspy.LM):
 
     def _plan(self, kwargs: Mapping[str, Any]) -> DirectPlan:
         """Merge instance defaults with call options and sort them. Subclasses add wire extensions."""
+        if not kwargs:
+            # The common call has no options: reuse the plan while the defaults are unchanged.
+            cached = self.__dict__.get("_default_plan")
+            if cached is not None and cached[0] == self.kwargs:
+                return cached[1]
         kwargs = dict(kwargs)
         extensions = self._direct_extensions(kwargs)  # takes the subclass's own keys out of kwargs
-        return plan_direct_call({**self.kwargs, **kwargs}, extensions)
+        plan = plan_direct_call({**self.kwargs, **kwargs}, extensions)
+        if not kwargs:
+            self._default_plan = (dict(self.kwargs), plan)
+        return plan
 
     def _direct_extensions(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {}

