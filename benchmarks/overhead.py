@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import dspy  # noqa: E402
-import requests  # noqa: E402
-from dspy.lm15 import (  # noqa: E402
+import dspy
+import requests
+from dspy.lm15 import (
     AccessPolicy,
     Message,
     OpenAIChatCompat,
@@ -32,8 +32,8 @@ from dspy.lm15 import (  # noqa: E402
     register_provider,
 )
 
-from dspy_anyscale import Anyscale  # noqa: E402
-from dspy_anyscale.testing import StubServer  # noqa: E402
+from dspy_anyscale import Anyscale
+from dspy_anyscale.testing import StubServer
 
 KEY = "sk-bench"
 MODEL = "stub-model"

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
+from dspy import lm15
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import Request, Response
 
@@ -124,8 +125,11 @@ class AnyscaleEngine(_EngineBase):
         call = self._call(request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
         with self.transport.stream(call.path, call.payload) as chunks:
-            for event in iter_sse(chunks):
-                yield from translator.feed(event)
+            try:
+                for event in iter_sse(chunks):
+                    yield from translator.feed(event)
+            except (lm15.TransportError, lm15.TimeoutError) as exc:
+                raise translator.interrupted(exc) from exc
         yield from translator.finish()
 
     def close(self) -> None:
@@ -146,9 +150,12 @@ class AsyncAnyscaleEngine(_EngineBase):
         call = self._call(request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
         async with self.transport.stream(call.path, call.payload) as chunks:
-            async for event in aiter_sse(chunks):
-                for item in translator.feed(event):
-                    yield item
+            try:
+                async for event in aiter_sse(chunks):
+                    for item in translator.feed(event):
+                        yield item
+            except (lm15.TransportError, lm15.TimeoutError) as exc:
+                raise translator.interrupted(exc) from exc
         for item in translator.finish():
             yield item
 

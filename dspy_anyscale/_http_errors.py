@@ -42,10 +42,8 @@ def redact(text: str, secret: str | None) -> str:
 
 def preview(body: bytes | str, limit: int = C.ERROR_BODY_PREVIEW_CHARS) -> str:
     """A short, single-line quotation of a body, with HTML tags stripped."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    if "<" in text and ">" in text:
-        text = _TAGS.sub(" ", text)
-    text = _SPACE.sub(" ", text).strip()
+    raw = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = _SPACE.sub(" ", _TAGS.sub(" ", raw)).strip() or _SPACE.sub(" ", raw).strip()
     if not text:
         return "(empty body)"
     return text if len(text) <= limit else text[:limit] + "…"

@@ -168,8 +168,8 @@ def _typed_fields(options: dict[str, Any]) -> dict[str, Any]:
     alias = options.pop("max_completion_tokens", None)
     if alias is not None and fields.setdefault("max_tokens", alias) != alias:
         raise UnsupportedParameterError(
-                "max_tokens and max_completion_tokens disagree; pass one", features=["max_tokens"]
-            )
+            "max_tokens and max_completion_tokens disagree; pass one", features=["max_tokens"]
+        )
     stop = options.pop("stop", None)
     if stop:
         fields["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

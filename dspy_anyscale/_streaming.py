@@ -77,6 +77,17 @@ class StreamTranslator:
             )
         return [StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
 
+    def interrupted(self, cause: lm15.LM15Error) -> lm15.LM15Error:
+        """The error for a stream whose connection failed midway, saying how far it got."""
+        if self._done or self._finish is not None:
+            return cause
+        got = f"after {self.characters} characters" if self._started else "before any data"
+        error = type(cause)(
+            f"The stream from POST {self._url} broke {got}: {cause.message}; the answer is incomplete",
+            provider=PROVIDER,
+        )
+        return error
+
     def _parse(self, data: str) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)

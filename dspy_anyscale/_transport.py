@@ -97,6 +97,12 @@ def _is_stale_connection(exc: BaseException) -> bool:
     return False
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of an HTTP library error, falling back to its cause (resets often carry no text)."""
+    text = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _log(method: str, url: str, status: int | str, started: float) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("%s %s -> %s in %.1f ms", method, url, status, (time.perf_counter() - started) * 1000)
@@ -138,7 +144,6 @@ class _OneHostAdapter(HTTPAdapter):
         response.request = req
         response.connection = self
         return response
-
 
 
 class SyncTransport:
@@ -196,7 +201,7 @@ class SyncTransport:
 
     def _translate(self, exc: requests.RequestException, prepared: requests.PreparedRequest) -> lm15.LM15Error:
         where = f"{prepared.method} {prepared.url}"
-        detail = redact(f"{type(exc).__name__}: {exc}", self._secret)
+        detail = redact(_describe(exc), self._secret)
         if isinstance(exc, requests.Timeout):
             phase = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
             limit = self.timeout.connect if phase == "connect" else self.timeout.read
@@ -310,7 +315,7 @@ class AsyncTransport:
         import httpx
 
         where = f"{method} {url}"
-        detail = redact(f"{type(exc).__name__}: {exc}", self._secret)
+        detail = redact(_describe(exc), self._secret)
         if isinstance(exc, httpx.TimeoutException):
             phase = "connect" if isinstance(exc, httpx.ConnectTimeout) else "read"
             limit = self.timeout.connect if phase == "connect" else self.timeout.read

@@ -450,8 +450,11 @@ def _tool_call(call: Any, index: int) -> ToolCallPart:
     function = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not function.get("name"):
         raise ValueError(f"tool_calls[{index}] has no function name")
-    return ToolCallPart(id=str(call.get("id") or f"call_{index}"), name=str(function["name"]),
-                        input=tool_arguments(function.get("arguments")))
+    return ToolCallPart(
+        id=str(call.get("id") or f"call_{index}"),
+        name=str(function["name"]),
+        input=tool_arguments(function.get("arguments")),
+    )
 
 
 def tool_arguments(arguments: Any) -> dict[str, Any]:

@@ -14,12 +14,13 @@ Three ways in:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import dspy
 from dspy.lm15 import Request, Response
 
+from ._direct_stream import astream_text, stream_text
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
 from .errors import UnsupportedParameterError
 
@@ -136,6 +137,30 @@ class HFModel(dspy.LM):
             *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
         )
         return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """Yield the completion's text as it arrives. Same options as ``_generate`` (one completion).
+
+        It is an ordinary DSPy call underneath: retried if it fails before the first chunk, recorded
+        in history and usage, and served whole from DSPy's cache when cached.
+        """
+        request = self._single_request(prompt, kwargs)
+        return stream_text(lambda: super(HFModel, self).acall(request))
+
+    def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
+        """Async :meth:`stream`: ``async for chunk in lm.astream("...")``."""
+        request = self._single_request(prompt, kwargs)
+        return astream_text(lambda: super(HFModel, self).acall(request))
+
+    def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        plan = self._plan(kwargs)
+        if plan.n != 1 or plan.call_kwargs:
+            raise UnsupportedParameterError(
+                "a stream is one completion: n, cache and rollout_id do not apply", features=["n"]
+            )
+        return self._direct_request(prompt, plan)
 
     def _plan(self, kwargs: Mapping[str, Any]) -> DirectPlan:
         """Merge instance defaults with call options and sort them. Subclasses add wire extensions."""

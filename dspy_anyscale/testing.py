@@ -15,6 +15,7 @@ Pass ``responder=`` to answer otherwise.
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
 import struct
@@ -51,6 +52,20 @@ class Fault:
     delay: float = 0.0
     stream_cut_after: int | None = None
     path: str | None = None
+
+
+# Transient faults a real deployment produces; each one is retried by DSPy.
+DEFAULT_CHAOS = [
+    Fault(status=500, headers={"Retry-After": "0"}),
+    Fault(
+        status=502,
+        body=b"<html><body>Bad Gateway</body></html>",
+        headers={"Content-Type": "text/html", "Retry-After": "0"},
+    ),
+    Fault(status=503, headers={"Retry-After": "0"}),
+    Fault(status=429, headers={"Retry-After": "0"}),
+    Fault(reset=True),
+]
 
 
 @dataclass
@@ -120,7 +135,11 @@ class StubServer:
         self.api_key = api_key
         self.model = model
         self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._faults: deque[Fault] = deque()
+        self._chaos: tuple[float, list[Fault]] = (0.0, [])
+        self._random = random.Random(0)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -129,9 +148,7 @@ class StubServer:
 
     def start(self) -> StubServer:
         handler = type("Handler", (_Handler,), {"stub": self})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        server.request_queue_size = 256
+        server = _QuietServer(("127.0.0.1", 0), handler)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="stub-server", daemon=True)
         self._thread.start()
@@ -165,10 +182,18 @@ class StubServer:
         with self._lock:
             self._faults.extend(faults)
 
+    def chaos(self, rate: float, faults: list[Fault] | None = None, seed: int = 0) -> None:
+        """From now on, each POST fails with probability ``rate``, with a fault drawn from ``faults``."""
+        with self._lock:
+            self._chaos = (rate, list(faults or DEFAULT_CHAOS))
+            self._random = random.Random(seed)
+
     def reset(self) -> None:
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+            self._chaos = (0.0, [])
+            self.max_in_flight = 0
 
     def _next_fault(self, path: str) -> Fault | None:
         with self._lock:
@@ -176,7 +201,19 @@ class StubServer:
                 if fault.path is None or path.endswith(fault.path):
                     self._faults.remove(fault)
                     return fault
+            rate, faults = self._chaos
+            if rate and self._random.random() < rate:
+                return self._random.choice(faults)
         return None
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
@@ -186,6 +223,18 @@ class StubServer:
         """The recorded POST requests whose path ends with ``path_suffix``."""
         with self._lock:
             return [r for r in self.requests if r.method == "POST" and r.path.endswith(path_suffix)]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # listen() backlog: a burst of 64+ connections must not be refused
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up (timeout, reset) is part of the tests, not a server error.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -248,6 +297,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
     def do_POST(self) -> None:
+        self.stub._enter()
+        try:
+            self._post()
+        finally:
+            self.stub._leave()
+
+    def _post(self) -> None:
         body = self._read_body()
         self.stub._record(RecordedRequest("POST", self.path, dict(self.headers), body))
         fault = self.stub._next_fault(self.path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from dspy.lm15 import Config, Message, Request, Response
 
-from dspy_anyscale import Anyscale, ConfigurationError, UnsupportedParameterError
+from dspy_anyscale import ConfigurationError, UnsupportedParameterError
 from dspy_anyscale.testing import Fault
 
 from .conftest import MODEL, SECRET
