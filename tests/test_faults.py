@@ -98,7 +98,7 @@ def test_read_timeout_then_success(make_lm, stub, waits, chat, mode):
 def test_timeouts_exhausted_is_dspys_timeout_error(make_lm, stub, waits, mode):
     stub.script(*[Fault(delay=0.6)] * 3)
     lm = make_lm(use_chat_api=True, timeout=(5, 0.2), num_retries=2)
-    with pytest.raises(LMTimeoutError, match="read timeout 0.2s"):
+    with pytest.raises(LMTimeoutError, match=r"read timeout 0\.2s"):
         call(lm, mode)
     assert len(stub.posts()) == 3
 

@@ -113,18 +113,19 @@ def test_chat_stream_events_and_usage():
 
 
 def test_completions_stream_events():
-    chunk = lambda text, finish=None: json.dumps(
-        {
-            "id": "x",
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,  # noqa: E731
-                    "finish_reason": finish,
-                }
-            ],
-        }
-    )
+    def chunk(text, finish=None):
+        return json.dumps(
+            {
+                "id": "x",
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+        )
     events = translate("completions", chunk("Par"), chunk("is", "length"), "[DONE]")
     assert "".join(e.delta.text for e in events if e.type == "delta") == "Paris"
     assert events[-1].finish_reason == "length"
