@@ -29,6 +29,10 @@ _CONTEXT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _UNKNOWN_MODEL_PATTERNS = re.compile(r"model .*(does not exist|not found)|unknown model|no such model", re.IGNORECASE)
+_AUTH_HINT = (
+    f"Check the key: pass api_key=... to Anyscale(...) or set {C.ENV_API_KEY} (an Anyscale Service's bearer "
+    "token, or the --api-key your server was started with)"
+)
 _TAGS = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
 
@@ -128,7 +132,7 @@ def error_for_status(
     text = redact(f"{message} ({method} {url} → HTTP {status})", secret)
     common = {"provider": PROVIDER, "status": status, "provider_code": code, "request_id": request_id}
     if status in (401, 403):
-        return lm15.AuthError(text, env_keys=(C.ENV_API_KEY,), **common)
+        return lm15.AuthError(text, credential_hint=_AUTH_HINT, **common)
     if status == 402:
         return lm15.BillingError(text, **common)
     if status == 429:

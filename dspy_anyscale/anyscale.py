@@ -212,6 +212,22 @@ class Anyscale(HFModel):
     def __repr__(self) -> str:
         return f"Anyscale(model={self.model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
 
+    @classmethod
+    def models(
+        cls,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        timeout: float | tuple[float, float] = (C.DEFAULT_CONNECT_TIMEOUT, 30.0),
+    ) -> list[dict[str, Any]]:
+        """The models the endpoint serves (``GET {api_base}/models``), configured like the constructor.
+
+        Each entry has ``id`` and ``owned_by``, plus ``model_type`` from Ray Serve LLM's
+        ``rayllm_metadata`` when the server sends it.
+        """
+        from ._models import list_models
+
+        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout))
+
     # --- direct calls ------------------------------------------------------------------------------
 
     def _generate(self, prompt: str, use_chat_api: bool | None = None, **kwargs: Any) -> dict[str, Any]:

