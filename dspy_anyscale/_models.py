@@ -25,8 +25,14 @@ def list_models(endpoint: Endpoint, timeout: Timeout) -> list[dict[str, Any]]:
     if not isinstance(entries, list):
         import orjson
 
-        error = unexpected_body(endpoint.url("/models"), reply.status, orjson.dumps(reply.data),
-                                "Expected a 'data' list", endpoint.api_key, method="GET")
+        error = unexpected_body(
+            endpoint.url("/models"),
+            reply.status,
+            orjson.dumps(reply.data),
+            "Expected a 'data' list",
+            endpoint.api_key,
+            method="GET",
+        )
         raise wrap_error(error, model="(models)", provider="anyscale") from error
     return [_entry(item) for item in entries if isinstance(item, dict) and item.get("id")]
 

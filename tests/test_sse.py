@@ -126,6 +126,7 @@ def test_completions_stream_events():
                 ],
             }
         )
+
     events = translate("completions", chunk("Par"), chunk("is", "length"), "[DONE]")
     assert "".join(e.delta.text for e in events if e.type == "delta") == "Paris"
     assert events[-1].finish_reason == "length"

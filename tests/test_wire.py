@@ -314,8 +314,17 @@ def test_parse_completions_response_with_logprobs():
 
 def test_completions_logprobs_in_the_chat_shape_llama_cpp_sends():
     call = build_call(request(), COMPLETIONS)
-    logprobs = {"content": [{"id": 7042, "token": " Paris", "bytes": [32, 80], "logprob": -0.26,
-                             "top_logprobs": [{"id": 260, "token": " the", "bytes": [32], "logprob": -2.76}]}]}
+    logprobs = {
+        "content": [
+            {
+                "id": 7042,
+                "token": " Paris",
+                "bytes": [32, 80],
+                "logprob": -0.26,
+                "top_logprobs": [{"id": 260, "token": " the", "bytes": [32], "logprob": -2.76}],
+            }
+        ]
+    }
     body = {"model": MODEL, "choices": [{"index": 0, "text": " Paris", "finish_reason": "stop", "logprobs": logprobs}]}
     response = parse_response(body, call, request(), url=URL)
     assert response.logprobs[0].token == " Paris" and response.logprobs[0].top[0].token == " the"
