@@ -11,6 +11,7 @@ resolved when an ``Anyscale`` is constructed.
 
 from ._version import __version__
 from .anyscale import Anyscale
+from .catalog import CATALOG, ModelInfo, Prices, model_info
 from .errors import (
     AnyscaleError,
     ConfigurationError,
@@ -18,15 +19,25 @@ from .errors import (
     UnexpectedResponseError,
     UnsupportedParameterError,
 )
+from .gateway import PORTKEY_GATEWAY_URL, portkey_headers
 from .hf_model import HFModel
+from .usage import UsageRecord, summarize
 
 __all__ = [
+    "CATALOG",
+    "PORTKEY_GATEWAY_URL",
     "Anyscale",
     "AnyscaleError",
     "ConfigurationError",
     "HFModel",
     "MissingConfigurationError",
+    "ModelInfo",
+    "Prices",
     "UnexpectedResponseError",
     "UnsupportedParameterError",
+    "UsageRecord",
     "__version__",
+    "model_info",
+    "portkey_headers",
+    "summarize",
 ]

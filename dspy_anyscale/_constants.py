@@ -11,6 +11,7 @@ ENV_API_BASE = "ANYSCALE_API_BASE"
 ENV_BASE_URL_ALIAS = "ANYSCALE_BASE_URL"
 ENV_API_BASE_NAMES = (ENV_API_BASE, ENV_BASE_URL_ALIAS)
 ENV_API_KEY = "ANYSCALE_API_KEY"
+ENV_USAGE_LOG = "ANYSCALE_USAGE_LOG"  # a JSON-lines file that gets one record per call
 
 # --- URLs ------------------------------------------------------------------------------------
 # The public multi-tenant Endpoints API closed on 2024-08-01; the URL now answers with an HTML

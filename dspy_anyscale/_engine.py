@@ -7,6 +7,7 @@ usage, callbacks); an engine turns one ``dspy.lm15.Request`` into one ``Response
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -17,10 +18,12 @@ from dspy.lm15 import Request, Response
 
 from . import _constants as C
 from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
+from ._observe import report_attempt
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
 from ._transport import AsyncTransport, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
+from .usage import Attempt, UsageRecorder
 
 # Parameters DSPy adapters may send that this engine maps on the chat endpoint. /completions
 # carries the sampling knobs and logprobs, but not JSON mode or tools.
@@ -53,9 +56,12 @@ class _EngineBase:
     # DSPy reads these attributes from a custom engine to decide what adapters send.
     supports_reasoning = False
 
-    def __init__(self, transport: SyncTransport | AsyncTransport, options: WireOptions) -> None:
+    def __init__(
+        self, transport: SyncTransport | AsyncTransport, options: WireOptions, recorder: UsageRecorder | None = None
+    ) -> None:
         self.transport = transport
         self.options = options
+        self.recorder = recorder
 
     def __repr__(self) -> str:
         return (
@@ -111,6 +117,47 @@ class _EngineBase:
         return cls(transport, WireOptions(**state["options"]))
 
 
+class _AttemptClock:
+    """Times one attempt (and its first token) and reports it to the usage recorder."""
+
+    def __init__(self, engine: _EngineBase, call: WireCall, request: Request, *, stream: bool = False) -> None:
+        self._recorder = engine.recorder
+        self._call = call
+        self._model = request.model
+        self._stream = stream
+        self._started = time.perf_counter()
+        self.ttft: float | None = None
+        self.request_id: str | None = None
+
+    def delta(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self._started
+
+    def succeeded(self, usage: lm15.Usage | None) -> None:
+        usage = usage or lm15.Usage()
+        self._report(True, None, usage.input_tokens, usage.output_tokens)
+
+    def failed(self, exc: BaseException) -> None:
+        self._report(False, type(exc).__name__, None, None)
+
+    def _report(self, ok: bool, error: str | None, prompt: int | None, completion: int | None) -> None:
+        report_attempt(
+            self._recorder,
+            Attempt(
+                endpoint=self._call.endpoint,
+                model=self._model,
+                ok=ok,
+                error=error,
+                latency_s=time.perf_counter() - self._started,
+                ttft_s=self.ttft,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                request_id=self.request_id,
+                stream=self._stream,
+            ),
+        )
+
+
 class AnyscaleEngine(_EngineBase):
     """Synchronous engine: ``complete`` and ``stream`` over a pooled ``requests`` adapter."""
 
@@ -118,19 +165,37 @@ class AnyscaleEngine(_EngineBase):
 
     def complete(self, request: Request) -> Response:
         call = self._call(request)
-        reply = self.transport.request_json("POST", call.path, call.payload)
-        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        clock = _AttemptClock(self, call, request)
+        try:
+            reply = self.transport.request_json("POST", call.path, call.payload)
+            clock.request_id = reply.request_id
+            response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        except BaseException as exc:
+            clock.failed(exc)
+            raise
+        clock.succeeded(response.usage)
+        return response
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self._call(request, stream=True)
+        clock = _AttemptClock(self, call, request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
-        with self.transport.stream(call.path, call.payload) as chunks:
-            try:
-                for event in iter_sse(chunks):
-                    yield from translator.feed(event)
-            except (lm15.TransportError, lm15.TimeoutError) as exc:
-                raise translator.interrupted(exc) from exc
-        yield from translator.finish()
+        try:
+            with self.transport.stream(call.path, call.payload) as reply:
+                clock.request_id = reply.request_id
+                try:
+                    for event in iter_sse(reply.chunks):
+                        for item in translator.feed(event):
+                            clock.delta()
+                            yield item
+                except (lm15.TransportError, lm15.TimeoutError) as exc:
+                    raise translator.interrupted(exc) from exc
+            end = translator.finish()
+        except BaseException as exc:
+            clock.failed(exc)
+            raise
+        clock.succeeded(end[-1].usage)
+        yield from end
 
     def close(self) -> None:
         self.transport.close()
@@ -143,20 +208,37 @@ class AsyncAnyscaleEngine(_EngineBase):
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
-        reply = await self.transport.request_json("POST", call.path, call.payload)
-        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        clock = _AttemptClock(self, call, request)
+        try:
+            reply = await self.transport.request_json("POST", call.path, call.payload)
+            clock.request_id = reply.request_id
+            response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        except BaseException as exc:
+            clock.failed(exc)
+            raise
+        clock.succeeded(response.usage)
+        return response
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self._call(request, stream=True)
+        clock = _AttemptClock(self, call, request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
-        async with self.transport.stream(call.path, call.payload) as chunks:
-            try:
-                async for event in aiter_sse(chunks):
-                    for item in translator.feed(event):
-                        yield item
-            except (lm15.TransportError, lm15.TimeoutError) as exc:
-                raise translator.interrupted(exc) from exc
-        for item in translator.finish():
+        try:
+            async with self.transport.stream(call.path, call.payload) as reply:
+                clock.request_id = reply.request_id
+                try:
+                    async for event in aiter_sse(reply.chunks):
+                        for item in translator.feed(event):
+                            clock.delta()
+                            yield item
+                except (lm15.TransportError, lm15.TimeoutError) as exc:
+                    raise translator.interrupted(exc) from exc
+            end = translator.finish()
+        except BaseException as exc:
+            clock.failed(exc)
+            raise
+        clock.succeeded(end[-1].usage)
+        for item in end:
             yield item
 
     async def aclose(self) -> None:
@@ -170,8 +252,11 @@ def make_engines(
     *,
     headers: Mapping[str, str] | None = None,
     pool_size: int = C.DEFAULT_POOL_SIZE,
+    recorder: UsageRecorder | None = None,
 ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
-    """The sync/async engine pair for one endpoint, each with its own connection pool."""
-    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options)
-    async_ = AsyncAnyscaleEngine(AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options)
+    """The sync/async engine pair for one endpoint, each with its own connection pool, one recorder."""
+    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, recorder)
+    async_ = AsyncAnyscaleEngine(
+        AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, recorder
+    )
     return sync, async_

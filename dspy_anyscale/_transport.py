@@ -43,6 +43,15 @@ _STALE_CONNECTION_ERRORS = (RemoteDisconnected, ConnectionResetError, BrokenPipe
 
 
 @dataclass(frozen=True)
+class StreamReply:
+    """An open streamed answer: its status, the server's request id, and the byte chunks."""
+
+    status: int
+    request_id: str | None
+    chunks: Any  # Iterator[bytes] or AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
 class JsonReply:
     """A parsed 2xx JSON answer and what observability needs from the exchange."""
 
@@ -228,8 +237,8 @@ class SyncTransport:
         )
 
     @contextmanager
-    def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[Iterator[bytes]]:
-        """Open a streamed POST; yields an iterator of raw byte chunks as they arrive."""
+    def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[StreamReply]:
+        """Open a streamed POST; yields a :class:`StreamReply` whose chunks arrive as they are sent."""
         prepared = self._prepared("POST", path, orjson.dumps(payload))
         started = time.perf_counter()
         response = self._send(prepared, stream=True)
@@ -240,7 +249,9 @@ class SyncTransport:
                 raise error_for_status(
                     response.status_code, content, response.headers, url=prepared.url, secret=self._secret
                 )
-            yield self._chunks(response, prepared)
+            yield StreamReply(
+                response.status_code, response.headers.get("x-request-id"), self._chunks(response, prepared)
+            )
         finally:
             response.close()
 
@@ -361,7 +372,7 @@ class AsyncTransport:
         )
 
     @asynccontextmanager
-    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[StreamReply]:
         url = self.endpoint.url(path)
         response = await self._send("POST", url, orjson.dumps(payload), stream=True)
         try:
@@ -370,7 +381,7 @@ class AsyncTransport:
                 raise error_for_status(
                     response.status_code, content, CaseInsensitiveDict(response.headers), url=url, secret=self._secret
                 )
-            yield self._chunks(response, url)
+            yield StreamReply(response.status_code, response.headers.get("x-request-id"), self._chunks(response, url))
         finally:
             await response.aclose()
 

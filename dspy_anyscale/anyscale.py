@@ -7,6 +7,7 @@ in front of them all speak ``POST /completions`` and ``POST /chat/completions``.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -19,8 +20,11 @@ from ._config import Timeout, resolve_endpoint, resolve_timeout
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
 from ._params import DSPY_CALL_KEYS, DSPY_GENERATION_KEYS, plan_direct_call, split_constructor_kwargs
 from ._wire import EndpointKind, WireOptions
+from .catalog import Prices
 from .errors import ConfigurationError
+from .gateway import is_secret_header, restore_secret_headers
 from .hf_model import HFModel
+from .usage import UsageRecord, UsageRecorder
 
 # Constructor settings that change the connection or the wire: copy() builds new engines for them.
 _REBUILD_KEYS = frozenset(
@@ -36,15 +40,12 @@ _REBUILD_KEYS = frozenset(
         "supports_response_schema",
         "headers",
         "pool_size",
+        "prices",
+        "usage_log",
     }
 )
-_SECRET_HEADER_WORDS = ("key", "token", "secret", "authorization", "password", "cookie")
-
-
-def is_secret_header(name: str) -> bool:
-    """Header names whose values must never be logged, saved or pickled."""
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_HEADER_WORDS)
+# In saved state: names of headers whose secret values were not saved (restored from the environment).
+_SECRET_HEADERS_KEY = "secret_headers"
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,21 @@ class _Settings:
     options: WireOptions
     headers: Mapping[str, str] = field(default_factory=dict)
     pool_size: int = C.DEFAULT_POOL_SIZE
+    prices: Prices | None = None
+    usage_log: str | None = None
+    # Names of secret headers left out of a saved or pickled copy, to be read back from the environment.
+    dropped_headers: tuple[str, ...] = ()
 
     def portable(self) -> _Settings:
         """The settings a saved or pickled LM keeps: secret-looking header values are dropped."""
-        return replace(self, headers={k: v for k, v in self.headers.items() if not is_secret_header(k)})
+        secret = tuple(name for name in self.headers if is_secret_header(name))
+        kept = {name: value for name, value in self.headers.items() if name not in secret}
+        return replace(self, headers=kept, dropped_headers=self.dropped_headers + secret)
+
+    def restored(self) -> _Settings:
+        """After unpickling: secret headers read back from the environment where possible."""
+        headers = {**restore_secret_headers(self.dropped_headers), **self.headers}
+        return replace(self, headers=headers, dropped_headers=())
 
 
 def _check_template(template: str | None) -> str | None:
@@ -133,6 +145,8 @@ class Anyscale(HFModel):
         supports_response_schema: bool = True,
         headers: Mapping[str, str] | None = None,
         pool_size: int = C.DEFAULT_POOL_SIZE,
+        prices: Mapping[str, float] | Prices | None = None,
+        usage_log: str | os.PathLike[str] | None = None,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
         cache: bool = True,
@@ -158,7 +172,15 @@ class Anyscale(HFModel):
             supports_tools=_check_flag("supports_tools", supports_tools),
             supports_response_schema=_check_flag("supports_response_schema", supports_response_schema),
         )
-        settings = _Settings(api_base, resolve_timeout(timeout), options, _check_headers(headers), pool_size)
+        settings = _Settings(
+            api_base,
+            resolve_timeout(timeout),
+            options,
+            _check_headers(headers),
+            pool_size,
+            prices=Prices.parse(prices) if prices is not None else None,
+            usage_log=os.fspath(usage_log) if usage_log else os.environ.get(C.ENV_USAGE_LOG) or None,
+        )
         engine, async_engine = self._connect(settings, api_key)
         self._settings = settings
         super().__init__(
@@ -178,8 +200,14 @@ class Anyscale(HFModel):
     @staticmethod
     def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
         endpoint = resolve_endpoint(settings.api_base, api_key)
+        recorder = UsageRecorder(prices=settings.prices, log_path=settings.usage_log)
         return make_engines(
-            endpoint, settings.timeout, settings.options, headers=settings.headers, pool_size=settings.pool_size
+            endpoint,
+            settings.timeout,
+            settings.options,
+            headers=settings.headers,
+            pool_size=settings.pool_size,
+            recorder=recorder,
         )
 
     # --- what the instance is ---------------------------------------------------------------------
@@ -203,6 +231,11 @@ class Anyscale(HFModel):
     @property
     def prompt_template(self) -> str | None:
         return self._settings.options.prompt_template
+
+    @property
+    def usage(self) -> list[UsageRecord]:
+        """The usage records of the latest calls (this LM and the copies sharing its connection)."""
+        return list(self.engine.recorder.records)
 
     @property
     def extra_body(self) -> Mapping[str, Any]:
@@ -267,6 +300,10 @@ class Anyscale(HFModel):
             args["api_base"] = settings.api_base
         if settings.headers:
             args["headers"] = dict(settings.headers)
+        if settings.prices is not None:
+            args["prices"] = {"input": settings.prices.input, "output": settings.prices.output}
+        if settings.usage_log is not None:
+            args["usage_log"] = settings.usage_log
         return args
 
     def dump_state(self) -> dict[str, Any]:
@@ -275,7 +312,10 @@ class Anyscale(HFModel):
         ``api_base`` is saved only when it was passed explicitly; DSPy drops it on load unless
         ``allow_unsafe_lm_state=True`` (needed for this class anyway), else the environment decides.
         """
-        state = self._init_args(self._settings.portable())
+        portable = self._settings.portable()
+        state = self._init_args(portable)
+        if portable.dropped_headers:
+            state[_SECRET_HEADERS_KEY] = list(portable.dropped_headers)
         return {LM_CLASS_STATE_KEY: f"{type(self).__module__}.{type(self).__qualname__}", **state}
 
     @classmethod
@@ -283,6 +323,9 @@ class Anyscale(HFModel):
         state = {key: value for key, value in state.items() if key != LM_CLASS_STATE_KEY}
         if isinstance(state.get("timeout"), list):
             state["timeout"] = tuple(state["timeout"])
+        secret = tuple(state.pop(_SECRET_HEADERS_KEY, ()))
+        if secret:
+            state["headers"] = {**restore_secret_headers(secret), **(state.get("headers") or {})}
         return cls(**state)
 
     def copy(self, **kwargs: Any) -> Anyscale:
@@ -314,6 +357,7 @@ class Anyscale(HFModel):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._settings = self._settings.restored()
         self._engine_spec, self._async_engine_spec = self._connect(self._settings, None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Anyscale:

@@ -132,12 +132,24 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     lm = Anyscale(_pick_model(args.model), api_base=args.api_base, use_chat_api=not args.completions)
     adapter = dspy.JSONAdapter() if args.json else None
-    started = time.perf_counter()
-    with dspy.context(lm=lm, adapter=adapter, track_usage=True):
+    with dspy.context(lm=lm, adapter=adapter):
         prediction = dspy.ChainOfThought("question -> answer")(question=args.question)
-    elapsed = time.perf_counter() - started
     print(prediction.answer)
-    print(f"\n{_usage_line(prediction)[2]}, {elapsed * 1000:.0f} ms", file=sys.stderr)
+    for record in lm.usage:
+        cost = f"${record.cost_usd:.6f}" if record.cost_usd is not None else "cost unknown (no price for this model)"
+        print(
+            f"{record.status}: {record.prompt_tokens} prompt + {record.completion_tokens} completion tokens, "
+            f"{record.latency_ms:.0f} ms, {cost}",
+            file=sys.stderr,
+        )
+    lm.close()
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .usage import format_summary, read_log, summarize
+
+    print(format_summary(summarize(read_log(args.file))))
     return 0
 
 
@@ -162,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--completions", action="store_true", help="use /completions instead of /chat/completions")
     ask.add_argument("--json", action="store_true", help="use DSPy's JSONAdapter (schema-constrained output)")
     ask.set_defaults(run=cmd_ask)
+
+    usage = commands.add_parser("usage", help=f"summarise a usage log (usage_log= or {C.ENV_USAGE_LOG})")
+    usage.add_argument("file", help="a JSON-lines usage log")
+    usage.set_defaults(run=cmd_usage)
     return parser
 
 
@@ -174,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (AnyscaleError, LMError) as exc:
+    except (AnyscaleError, LMError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,12 +15,14 @@ Three ways in:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import dspy
 from dspy.lm15 import Request, Response
 
 from ._direct_stream import astream_text, stream_text
+from ._observe import observed_call
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
 from .errors import UnsupportedParameterError
 
@@ -67,6 +69,29 @@ def _mean_logprob(choice: Mapping[str, Any]) -> float | None:
     return sum(token["logprob"] for token in tokens) / len(tokens) if tokens else None
 
 
+def _is_program_call(prompt: Any, kwargs: Mapping[str, Any]) -> bool:
+    """A DSPy-style call (``messages=`` or a ``Request``), which keeps DSPy's own semantics."""
+    if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
+        check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
+        return True
+    return False
+
+
+def _prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
+    return prompt
+
+
+def _sorting_options(return_sorted: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Sorting by likelihood needs the tokens' logprobs.
+    return {**kwargs, "logprobs": kwargs.get("logprobs") or True} if return_sorted else kwargs
+
+
+def _texts(response: Mapping[str, Any], only_completed: bool, return_sorted: bool) -> list[str]:
+    return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
+
+
 class HFModel(dspy.LM):
     """The old ``HFModel`` interface (``kwargs``, ``history``, ``_generate``, ``basic_request``,
     ``request``, ``__call__(prompt, only_completed, return_sorted)``, ``inspect_history``) as a
@@ -87,27 +112,19 @@ class HFModel(dspy.LM):
 
     def __call__(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
         """``lm("text")`` → ``list[str]`` (old surface); ``messages=`` or a ``Request`` → DSPy's call."""
-        if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
-            check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
-            return super().__call__(prompt, **kwargs)
-        if not isinstance(prompt, str):
-            raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
-        if return_sorted:
-            kwargs.setdefault("logprobs", True)
-        response = self.request(prompt, **kwargs)
-        return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
+        with self._observed():
+            if _is_program_call(prompt, kwargs):
+                return super().__call__(prompt, **kwargs)
+            response = self.request(_prompt(prompt), **_sorting_options(return_sorted, kwargs))
+            return _texts(response, only_completed, return_sorted)
 
     async def acall(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
         """Async twin of :meth:`__call__`, with the same three ways in."""
-        if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
-            check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
-            return await super().acall(prompt, **kwargs)
-        if not isinstance(prompt, str):
-            raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
-        if return_sorted:
-            kwargs.setdefault("logprobs", True)
-        response = await self._agenerate(prompt, **kwargs)
-        return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
+        with self._observed():
+            if _is_program_call(prompt, kwargs):
+                return await super().acall(prompt, **kwargs)
+            response = await self._agenerate(_prompt(prompt), **_sorting_options(return_sorted, kwargs))
+            return _texts(response, only_completed, return_sorted)
 
     def request(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
         return self.basic_request(prompt, **kwargs)
@@ -118,25 +135,23 @@ class HFModel(dspy.LM):
 
     def _generate(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
         """``{"prompt": prompt, "choices": [{"text", "finish_reason", ...}, ...]}``, one choice per ``n``."""
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
-        plan = self._plan(kwargs)
-        request = self._direct_request(prompt, plan)
-        responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
-        return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+        with self._observed():
+            plan = self._plan(kwargs)
+            request = self._direct_request(_prompt(prompt), plan)
+            responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
+            return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
 
     async def _agenerate(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
         """Async :meth:`_generate`; candidates are requested concurrently."""
         import asyncio
 
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
-        plan = self._plan(kwargs)
-        request = self._direct_request(prompt, plan)
-        responses = await asyncio.gather(
-            *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
-        )
-        return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+        with self._observed():
+            plan = self._plan(kwargs)
+            request = self._direct_request(_prompt(prompt), plan)
+            responses = await asyncio.gather(
+                *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
+            )
+            return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Yield the completion's text as it arrives. Same options as ``_generate`` (one completion).
@@ -144,17 +159,37 @@ class HFModel(dspy.LM):
         It is an ordinary DSPy call underneath: retried if it fails before the first chunk, recorded
         in history and usage, and served whole from DSPy's cache when cached.
         """
-        request = self._single_request(prompt, kwargs)
-        return stream_text(lambda: super(HFModel, self).acall(request))
+        return self._stream(self._single_request(prompt, kwargs))  # options are checked now, not at first next()
 
     def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
         """Async :meth:`stream`: ``async for chunk in lm.astream("...")``."""
-        request = self._single_request(prompt, kwargs)
-        return astream_text(lambda: super(HFModel, self).acall(request))
+        return self._astream(self._single_request(prompt, kwargs))
+
+    def _stream(self, request: Request) -> Iterator[str]:
+        with self._observed():
+            yield from stream_text(lambda: super(HFModel, self).acall(request))
+
+    async def _astream(self, request: Request) -> AsyncIterator[str]:
+        with self._observed():
+            async for chunk in astream_text(lambda: super(HFModel, self).acall(request)):
+                yield chunk
+
+    # --- accounting --------------------------------------------------------------------------------
+
+    def _observed(self) -> AbstractContextManager[Any]:
+        """One usage record per public call, however many HTTP attempts it takes."""
+        return observed_call(getattr(self.engine, "recorder", None), self.model)
+
+    def update_history(self, entry: dict[str, Any]) -> None:
+        """DSPy's history, with ``cost`` filled in from the price table (DSPy prices no custom engine)."""
+        recorder = getattr(self.engine, "recorder", None)
+        usage = entry.get("usage") or {}
+        if entry.get("cost") is None and recorder is not None and usage:
+            entry["cost"] = recorder.cost(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        super().update_history(entry)
 
     def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        prompt = _prompt(prompt)
         plan = self._plan(kwargs)
         if plan.n != 1 or plan.call_kwargs:
             raise UnsupportedParameterError(

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Responder = Callable[[str, dict[str, Any]], str]
+# A responder gets the endpoint ("chat" or "completions") and the request body, and returns the
+# answer text, or for chat a message dict such as {"content": None, "tool_calls": [...]}.
+Responder = Callable[[str, dict[str, Any]], "str | dict[str, Any]"]
 
 _RESPOND = re.compile(r"Respond with (?:the corresponding output fields|a JSON object)[^\n]*")
 _FIELD_NAME = re.compile(r"`(?:\[\[ ## )?(\w+)(?: ## \]\])?`")
@@ -129,8 +131,10 @@ class StubServer:
         latency: float = 0.0,
         api_key: str | None = None,
         model: str = "stub-model",
+        models: list[dict[str, Any]] | None = None,
     ) -> None:
         self.responder = responder
+        self.models = models  # the GET /models "data" entries; default: one entry for `model`
         self.latency = latency
         self.api_key = api_key
         self.model = model
@@ -258,8 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-request-id", self._request_id())
         self.end_headers()
         self.wfile.write(data)
+
+    def _request_id(self) -> str:
+        return f"req-{len(self.stub.requests)}"
 
     def _reset_connection(self) -> None:
         # SO_LINGER 0: close() sends RST instead of FIN, as a crashed peer or a proxy would.
@@ -288,9 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.path.rstrip("/").endswith("/models"):
-            self._send_json(
-                200, {"object": "list", "data": [{"id": self.stub.model, "object": "model", "owned_by": "stub"}]}
-            )
+            data = self.stub.models or [{"id": self.stub.model, "object": "model", "owned_by": "stub"}]
+            self._send_json(200, {"object": "list", "data": data})
         elif self.path.endswith("/health"):
             self._send_json(200, {"status": "ok"})
         else:
@@ -324,19 +331,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.path.endswith("/completions") or body is None or "_unparseable" in body:
             self._send_json(404 if body is not None else 400, {"error": {"message": "bad request"}})
             return
-        text = self.stub.responder(endpoint, body)
+        answer = self.stub.responder(endpoint, body)
         if body.get("stream"):
-            self._stream(endpoint, body, text, fault)
+            self._stream(endpoint, body, answer, fault)
         else:
-            self._send_json(200, _completion(endpoint, body, text, self.stub.model))
+            self._send_json(200, _completion(endpoint, body, answer, self.stub.model))
 
-    def _stream(self, endpoint: str, body: dict[str, Any], text: str, fault: Fault | None) -> None:
+    def _stream(self, endpoint: str, body: dict[str, Any], answer: str | dict[str, Any], fault: Fault | None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("x-request-id", self._request_id())
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         cut = fault.stream_cut_after if fault else None
-        for count, event in enumerate(_stream_events(endpoint, body, text, self.stub.model)):
+        for count, event in enumerate(_stream_events(endpoint, body, answer, self.stub.model)):
             if cut is not None and count >= cut:
                 self._reset_connection()
                 return
@@ -356,14 +364,33 @@ def _usage(body: dict[str, Any], text: str) -> dict[str, int]:
     }
 
 
-def _completion(endpoint: str, body: dict[str, Any], text: str, model: str) -> dict[str, Any]:
+def tool_call_message(name: str, arguments: dict[str, Any] | str, call_id: str = "call_1") -> dict[str, Any]:
+    """A chat answer that calls one tool, for a responder to return."""
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    return {
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}],
+    }
+
+
+def _split_answer(answer: str | dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    if isinstance(answer, dict):
+        return answer.get("content") or "", list(answer.get("tool_calls") or [])
+    return answer, []
+
+
+def _completion(endpoint: str, body: dict[str, Any], answer: str | dict[str, Any], model: str) -> dict[str, Any]:
+    text, tool_calls = _split_answer(answer)
     max_tokens = body.get("max_tokens")
     finish = "length" if max_tokens is not None and len(text.split()) > max_tokens else "stop"
     if finish == "length":
         text = " ".join(text.split()[:max_tokens])
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "tool_calls" if tool_calls else finish}
     if endpoint == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {"role": "assistant", "content": text or (None if tool_calls else "")}
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
         if body.get("logprobs"):
             choice["logprobs"] = {
                 "content": [
@@ -392,9 +419,10 @@ def _completion(endpoint: str, body: dict[str, Any], text: str, model: str) -> d
     }
 
 
-def _stream_events(endpoint: str, body: dict[str, Any], text: str, model: str) -> Iterator[str]:
+def _stream_events(endpoint: str, body: dict[str, Any], answer: str | dict[str, Any], model: str) -> Iterator[str]:
+    text, tool_calls = _split_answer(answer)
     ident = f"cmpl-{time.monotonic_ns()}"
-    words = re.findall(r"\S+\s*|\s+", text) or [""]
+    words = re.findall(r"\S+\s*|\s+", text) or ([] if tool_calls else [""])
 
     def chunk(delta_text: str | None, finish: str | None) -> str:
         if endpoint == "chat":
@@ -414,7 +442,24 @@ def _stream_events(endpoint: str, body: dict[str, Any], text: str, model: str) -
         )
     for word in words:
         yield chunk(word, None)
-    yield chunk(None, "stop")
+    for index, call in enumerate(tool_calls):  # name first, arguments in two fragments
+        arguments = call["function"]["arguments"]
+        half = len(arguments) // 2
+        first = {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": arguments[:half]},
+        }
+        for fragment in (first, {"index": index, "function": {"arguments": arguments[half:]}}):
+            yield json.dumps(
+                {
+                    "id": ident,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"tool_calls": [fragment]}, "finish_reason": None}],
+                }
+            )
+    yield chunk(None, "tool_calls" if tool_calls else "stop")
     if (body.get("stream_options") or {}).get("include_usage"):
         yield json.dumps({"id": ident, "model": model, "choices": [], "usage": _usage(body, text)})
     yield "[DONE]"

@@ -10,7 +10,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before dspy/litellm are i
 import dspy
 import pytest
 
-from dspy_anyscale.testing import StubServer
+from dspy_anyscale.testing import StubServer, dspy_field_responder
 
 SECRET = "esecret_TEST_KEY_b3f1c2d4e5"
 MODEL = "meta-llama/Llama-2-70b-chat-hf"
@@ -40,15 +40,22 @@ def stub_server():
 def stub(stub_server: StubServer) -> StubServer:
     stub_server.reset()
     stub_server.latency = 0.0
+    stub_server.responder = dspy_field_responder
+    stub_server.models = None
     yield stub_server
     stub_server.reset()
+    stub_server.responder = dspy_field_responder
+    stub_server.models = None
 
 
 @pytest.fixture(scope="session")
-def llama_server():
+def llama_server(pytestconfig):
     """llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1, built on first use (minutes)."""
     from dspy_anyscale import local_server
 
+    # The first build takes minutes: let its progress reach the terminal instead of the capture.
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        local_server.ensure_installed()
     with local_server.start(api_key=SECRET) as server:
         yield server
 
