@@ -3,14 +3,16 @@
 The request runs as an ordinary ``await lm.acall(Request)`` with DSPy's ``send_stream`` pointed
 at a queue, so DSPy still owns retries (before the first chunk only), the cache (a cached
 answer arrives as one chunk), history, usage tracking and callbacks. The sync generator runs
-that coroutine on a private event loop in a worker thread, with the caller's context.
+that coroutine on one background event loop (a daemon thread), with the caller's context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -67,11 +69,41 @@ async def astream_text(call: Callable[[], Awaitable[Response]]) -> AsyncIterator
             task.cancel()
 
 
+class _BackgroundLoop:
+    """One event loop in a daemon thread per process, shared by all sync streams.
+
+    Sync streams run their coroutine here, so the loop's pooled HTTP client (and its TLS setup)
+    is built once, not once per call. Recreated after a fork; shut down cleanly at exit, which
+    closes the client inside its own loop.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _pid: int | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._pid != os.getpid() or cls._loop.is_closed():
+                cls._loop, cls._pid = asyncio.new_event_loop(), os.getpid()
+                threading.Thread(target=cls._loop.run_forever, name="dspy-anyscale-loop", daemon=True).start()
+                atexit.register(cls._shutdown, cls._loop)
+            return cls._loop
+
+    @staticmethod
+    def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
+        if loop.is_closed() or not loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def stream_text(call: Callable[[], Awaitable[Response]]) -> Iterator[str]:
-    """Sync twin of :func:`astream_text`: the coroutine runs on a private loop in a worker thread."""
+    """Sync twin of :func:`astream_text`: the coroutine runs on the background loop, in the caller's context."""
     items: queue.Queue[Any] = queue.Queue()
-    loop = asyncio.new_event_loop()
-    context = contextvars.copy_context()  # dspy.context(...) overrides and usage tracking carry over
+    loop = _BackgroundLoop.get()
+    context = contextvars.copy_context()  # dspy.context(...) overrides, usage tracking, the open call
     task: list[asyncio.Task[None]] = []
 
     async def pump() -> None:
@@ -83,24 +115,17 @@ def stream_text(call: Callable[[], Awaitable[Response]]) -> Iterator[str]:
         finally:
             items.put(_END)
 
-    def worker() -> None:
-        asyncio.set_event_loop(loop)
-        task.append(loop.create_task(pump()))
-        try:
-            loop.run_until_complete(task[0])
-            loop.run_until_complete(loop.shutdown_asyncgens())  # closes the loop's HTTP client
-        finally:
-            loop.close()
+    def start() -> None:
+        task.append(loop.create_task(pump()))  # a task copies the current context: the caller's
 
-    thread = threading.Thread(target=context.run, args=(worker,), name="dspy-anyscale-stream", daemon=True)
-    thread.start()
+    loop.call_soon_threadsafe(context.run, start)
+    finished = False
     try:
         while (item := items.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
             yield item
+        finished = True
     finally:
-        if task and not task[0].done():  # the consumer stopped early: stop the request
-            with contextlib.suppress(RuntimeError):  # the loop finished meanwhile
-                loop.call_soon_threadsafe(task[0].cancel)
-        thread.join()
+        if not finished:  # the consumer stopped early: stop the request
+            loop.call_soon_threadsafe(lambda: task and task[0].cancel())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from dspy.clients.errors import wrap_error
@@ -12,9 +13,9 @@ from ._http_errors import unexpected_body
 from ._transport import SyncTransport
 
 
-def list_models(endpoint: Endpoint, timeout: Timeout) -> list[dict[str, Any]]:
+def list_models(endpoint: Endpoint, timeout: Timeout, headers: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The ``data`` entries of ``GET /models``; errors are DSPy's LM errors, as for calls."""
-    transport = SyncTransport(endpoint, timeout, pool_size=1)
+    transport = SyncTransport(endpoint, timeout, headers=headers, pool_size=1)
     try:
         reply = transport.request_json("GET", "/models")
     except LM15Error as exc:

@@ -251,6 +251,7 @@ class Anyscale(HFModel):
         api_base: str | None = None,
         api_key: str | None = None,
         timeout: float | tuple[float, float] = (C.DEFAULT_CONNECT_TIMEOUT, 30.0),
+        headers: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """The models the endpoint serves (``GET {api_base}/models``), configured like the constructor.
 
@@ -259,7 +260,7 @@ class Anyscale(HFModel):
         """
         from ._models import list_models
 
-        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout))
+        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout), _check_headers(headers))
 
     # --- direct calls ------------------------------------------------------------------------------
 

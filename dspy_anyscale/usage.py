@@ -10,6 +10,7 @@ prompt text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -50,7 +51,7 @@ class UsageRecord:
     timestamp: str
     model: str
     endpoint: str | None
-    status: str  # "ok", "cached", or the error class name
+    status: str  # "ok", "cached", "cancelled", or the error class name
     latency_ms: float
     ttft_ms: float | None
     prompt_tokens: int
@@ -119,7 +120,7 @@ def build_record(model: str, stats: CallStats, error: BaseException | None, cost
     prompt = sum(a.prompt_tokens or 0 for a in succeeded)
     completion = sum(a.completion_tokens or 0 for a in succeeded)
     known = all(a.prompt_tokens is not None and a.completion_tokens is not None for a in succeeded)
-    status = type(error).__name__ if error is not None else ("ok" if attempts else "cached")
+    status = _status(error) if error is not None else ("ok" if attempts else "cached")
     ttfts = [a.ttft_s for a in succeeded if a.ttft_s is not None]
     return UsageRecord(
         timestamp=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
@@ -136,6 +137,13 @@ def build_record(model: str, stats: CallStats, error: BaseException | None, cost
         request_ids=tuple(a.request_id for a in attempts if a.request_id),
         stream=any(a.stream for a in attempts),
     )
+
+
+def _status(error: BaseException) -> str:
+    # A stream the consumer stopped reading, or a cancelled task, is not a failure of the server.
+    if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
+        return "cancelled"
+    return type(error).__name__
 
 
 # --- reading a log back ------------------------------------------------------------------------

@@ -60,6 +60,17 @@ def llama_server(pytestconfig):
         yield server
 
 
+@pytest.fixture(scope="session")
+def portkey_gateway(pytestconfig, llama_server):
+    """The open-source Portkey gateway (npm @portkey-ai/gateway) on 127.0.0.1, in front of llama-server."""
+    from dspy_anyscale import portkey_gateway
+
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        portkey_gateway.ensure_installed()
+    with portkey_gateway.start() as gateway:
+        yield gateway
+
+
 @pytest.fixture
 def make_lm(stub: StubServer):
     """Build an Anyscale LM pointed at the stub server."""

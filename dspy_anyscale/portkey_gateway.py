@@ -1,0 +1,691 @@
+"""Run the open-source Portkey AI gateway on 127.0.0.1 for tests.
+
+The gateway is the npm package ``@portkey-ai/gateway`` (pinned below), installed
+with ``npm`` from the npm registry, so this works on machines whose only network
+access is a package registry.  It needs ``node`` (>= 18) and ``npm`` on PATH.
+Put it in front of the local llama.cpp server (:mod:`dspy_anyscale.local_server`)
+to exercise the client against a real Portkey gateway::
+
+    <cache>/portkey-gateway/node_modules/@portkey-ai/gateway/build/start-server.js   entry point
+    <cache>/portkey-gateway/dspy-anyscale-preload.cjs   written by this module (see below)
+    <cache>/portkey-gateway/INSTALL.json                what was installed, and how
+    <cache>/logs/portkey-gateway-<port>.log             output of each started gateway (pruned after 7 days)
+    <cache>/logs/portkey-gateway-install.log            output of the last ``npm install``
+
+``<cache>`` is :func:`dspy_anyscale.local_server.cache_dir`.  The gateway itself
+only takes ``--port=N`` and ``--headless`` and listens on all interfaces, and on
+Node 20 its streaming path fails with ``TypeError: immutable``.  So it is started
+as ``node --require <preload> <entry> --port=N --headless`` where the preload
+(kept in this module as :data:`PRELOAD_JS`):
+
+* makes every TCP ``net.Server.listen`` bind 127.0.0.1, whatever the caller asked;
+* makes ``fetch`` return responses with mutable headers: the gateway wraps the
+  upstream response in ``new Response(stream, upstreamResponse)``, which with
+  ``@hono/node-server``'s lightweight global ``Response`` keeps the upstream's
+  immutable ``Headers`` object; appending ``x-portkey-*`` headers to it throws
+  (upstream issues #1389, #1550); the copy also drops the upstream's hop-by-hop
+  headers (``Connection``, ``Keep-Alive``), which the gateway would forward.
+  ``start(fix_streaming=False)`` leaves this out;
+* makes ``fetch`` open a new upstream connection per request: llama-server closes
+  the connection after a streamed response although it announced keep-alive, and
+  a request the gateway sends on such a connection fails with HTTP 500 ("other
+  side closed").  ``DSPY_ANYSCALE_GATEWAY_KEEP_ALIVE=1`` in the environment of
+  :func:`start` restores connection reuse;
+* notes on stderr (the log) any outgoing connection to a non-loopback host.
+
+Python API::
+
+    gateway = start()                # installs on first use (~3 s); later ~0.3 s
+    gateway.url                      # "http://127.0.0.1:<port>/v1"
+    gateway.stop()
+
+Route a request to an OpenAI-compatible server with the headers
+``x-portkey-provider: openai``, ``x-portkey-custom-host: <server base url>`` and
+``Authorization: Bearer <server key>`` (or one ``x-portkey-config`` JSON header).
+
+Command line (``python -m dspy_anyscale.portkey_gateway``)::
+
+    portkey-gateway install          # npm install (idempotent)
+    portkey-gateway run [--port N]   # run in the foreground until interrupted
+
+This module imports only the standard library and does nothing on import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "GATEWAY_PACKAGE",
+    "GATEWAY_VERSION",
+    "PRELOAD_JS",
+    "GatewayError",
+    "PortkeyGateway",
+    "ensure_installed",
+    "main",
+    "start",
+]
+
+HOST = "127.0.0.1"
+GATEWAY_PACKAGE = "@portkey-ai/gateway"
+GATEWAY_VERSION = "1.15.2"
+ENTRY_POINT = ("node_modules", "@portkey-ai", "gateway", "build", "start-server.js")  # package.json "bin"
+PRELOAD_FILE = "dspy-anyscale-preload.cjs"
+
+# --ignore-scripts: the package's only install script is ``patch-package``, which
+# has no patches to apply in the published package (npm >= 11 skips it anyway).
+NPM_FLAGS = (
+    "--no-audit",
+    "--no-fund",
+    "--no-update-notifier",
+    "--ignore-scripts",
+    "--save-exact",
+    "--omit=dev",
+)
+
+LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; gateway logs older than this are deleted
+LOCK_TIMEOUT = 900.0
+READY_PATH = "/"  # answers 200 "AI Gateway says hey!" as soon as the server listens
+
+# The gateway reads dozens of variables (REDIS_CONNECTION_STRING, TRUSTED_CUSTOM_HOSTS,
+# ALBUS_BASEPATH, AWS_*, AZURE_*, *_PROXY, ...) and node reads NODE_OPTIONS; it gets only these.
+_KEEP_ALIVE_ENV = "DSPY_ANYSCALE_GATEWAY_KEEP_ALIVE"  # "1": the preload lets fetch reuse upstream connections
+_ENV_PASSED = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "NODE_EXTRA_CA_CERTS",
+    _KEEP_ALIVE_ENV,
+)
+_NO_FETCH_FIX_ENV = "DSPY_ANYSCALE_GATEWAY_NO_FETCH_FIX"
+_PRELOAD_TAG = "[dspy-anyscale preload]"  # prefix of the preload's log lines (TAG in PRELOAD_JS)
+
+PRELOAD_JS = r"""// Written by dspy_anyscale.portkey_gateway; rewritten when it differs.  Do not edit.
+// Loaded with `node --require` before the Portkey gateway (an ES module) starts.
+'use strict';
+const net = require('node:net');
+
+const HOST = '127.0.0.1';
+const TAG = '[dspy-anyscale preload]';
+const say = (msg) => process.stderr.write(`${TAG} ${msg}\n`);
+
+// 1. Every TCP server listens on HOST only.  The gateway calls
+//    serve({port}) -> server.listen(port, undefined, cb), i.e. all interfaces.
+const originalListen = net.Server.prototype.listen;
+const isNumericPort = (v) => typeof v === 'number' || (typeof v === 'string' && /^\d+$/.test(v));
+net.Server.prototype.listen = function listen(...args) {
+  const callback = typeof args[args.length - 1] === 'function' ? args.pop() : undefined;
+  const first = args[0];
+  let options = null;
+  if (first !== null && typeof first === 'object') {
+    const tcp = first.path === undefined && first.handle === undefined && first.fd === undefined && !first._handle;
+    if (tcp) options = { ...first, host: HOST };
+  } else if (first === undefined || isNumericPort(first)) {
+    options = { port: first === undefined ? 0 : Number(first), host: HOST };
+    const backlog = typeof args[1] === 'number' ? args[1] : args[2];
+    if (typeof backlog === 'number') options.backlog = backlog;
+  }
+  if (options === null) {  // a pipe path or a handle: not ours to change
+    return originalListen.apply(this, callback ? [...args, callback] : args);
+  }
+  this.once('listening', () => say(`listening on ${JSON.stringify(this.address())}`));
+  return callback ? originalListen.call(this, options, callback) : originalListen.call(this, options);
+};
+
+// 2. fetch() returns a Response whose headers are mutable.  Native fetch responses
+//    have immutable headers; the gateway's streaming path appends x-portkey-*
+//    headers to them ("TypeError: immutable", Portkey gateway issues #1389, #1550).
+//    The copy leaves out hop-by-hop headers (Connection, Keep-Alive), which the
+//    gateway would otherwise forward to its client.
+// 3. fetch() does not reuse connections (undici Agent with pipelining 0).  Servers
+//    such as llama-server close the connection after a streamed response although
+//    they announced keep-alive; when the gateway reuses it before the close arrives
+//    the next request fails ("other side closed" / ECONNRESET -> HTTP 500).
+const nativeFetch = globalThis.fetch;
+const NativeResponse = globalThis.Response;  // before @hono/node-server replaces it
+const NativeHeaders = globalThis.Headers;
+const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
+const fixHeaders = process.env.DSPY_ANYSCALE_GATEWAY_NO_FETCH_FIX !== '1';
+const keepAlive = process.env.DSPY_ANYSCALE_GATEWAY_KEEP_ALIVE === '1';
+let freshConnections = null;  // Promise<Agent | undefined>
+function noKeepAliveAgent() {
+  // Node bundles undici without exporting it: take the Agent class from the global
+  // dispatcher, which a data: fetch creates without touching the network.
+  freshConnections ??= nativeFetch('data:,')
+    .then((r) => r.arrayBuffer())
+    .then(() => {
+      const agent = new globalThis[Symbol.for('undici.globalDispatcher.1')].constructor({ pipelining: 0 });
+      if (typeof agent.dispatch !== 'function') throw new Error('global dispatcher is not an undici Agent');
+      return agent;
+    })
+    .catch((err) => {
+      say(`no undici Agent (${err && err.message}); upstream connections are reused`);
+      return undefined;
+    });
+  return freshConnections;
+}
+if (typeof nativeFetch === 'function' && (fixHeaders || !keepAlive)) {
+  globalThis.fetch = async function fetch(input, init) {
+    if (!keepAlive && init?.dispatcher === undefined) {
+      const dispatcher = await noKeepAliveAgent();
+      if (dispatcher !== undefined) init = { ...init, dispatcher };
+    }
+    const upstream = await nativeFetch(input, init);
+    if (!fixHeaders) return upstream;
+    let copy;
+    try {
+      const headers = new NativeHeaders(upstream.headers);
+      // Hop-by-hop headers describe the upstream connection; the gateway would pass them on.
+      const hopByHop = (headers.get('connection') || '').split(',').map((h) => h.trim()).filter(Boolean);
+      for (const name of [...hopByHop, 'connection', 'keep-alive']) headers.delete(name);
+      copy = new NativeResponse(NULL_BODY_STATUS.has(upstream.status) ? null : upstream.body, {
+        status: upstream.status,
+        statusText: upstream.statusText,
+        headers,
+      });
+    } catch (err) {
+      say(`mutable-headers fix not applied (${err && err.message}); returning the original response`);
+      return upstream;
+    }
+    Object.defineProperty(copy, 'url', { value: upstream.url });
+    Object.defineProperty(copy, 'redirected', { value: upstream.redirected });
+    return copy;
+  };
+}
+if (!fixHeaders) say('mutable-headers fix disabled (streaming fails with "TypeError: immutable")');
+if (keepAlive) say('upstream keep-alive enabled');
+
+// 4. Note outgoing connections to hosts other than loopback (nothing is blocked).
+const originalConnect = net.Socket.prototype.connect;
+const LOOPBACK = /^(localhost|127\.\d+\.\d+\.\d+|::1|::ffff:127\.\d+\.\d+\.\d+|\[::1\])$/i;
+function targetOf(args) {
+  const a = Array.isArray(args[0]) ? args[0] : args;  // net.connect passes normalized [options, cb]
+  const first = a[0];
+  if (first !== null && typeof first === 'object') {
+    if (first.path !== undefined) return null;
+    return `${first.host || first.hostname || 'localhost'}:${first.port}`;
+  }
+  if (isNumericPort(first)) return `${typeof a[1] === 'string' ? a[1] : 'localhost'}:${first}`;
+  return null;
+}
+net.Socket.prototype.connect = function connect(...args) {
+  try {
+    const target = targetOf(args);
+    if (target !== null && !LOOPBACK.test(target.slice(0, target.lastIndexOf(':')))) {
+      say(`outgoing connection to ${target}`);
+    }
+  } catch (err) {
+    // never let the notice break a connection
+  }
+  return originalConnect.apply(this, args);
+};
+"""
+
+Say = Callable[[str], None]
+
+# Gateways started by this process, kept so they are reaped.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class GatewayError(RuntimeError):
+    """Installing, starting or stopping the Portkey gateway failed."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def cache_dir() -> Path:
+    """Return the cache directory shared with :mod:`dspy_anyscale.local_server`."""
+    from dspy_anyscale.local_server import cache_dir as shared_cache_dir
+
+    return shared_cache_dir()
+
+
+def _install_dir() -> Path:
+    return cache_dir() / "portkey-gateway"
+
+
+def _entry_point() -> Path:
+    return _install_dir().joinpath(*ENTRY_POINT)
+
+
+def _preload_path() -> Path:
+    return _install_dir() / PRELOAD_FILE
+
+
+def _log_path(port: int) -> Path:
+    return cache_dir() / "logs" / f"portkey-gateway-{port}.log"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _sayer(quiet: bool) -> Say:
+    """Return a function printing progress messages to stderr (or nothing if quiet)."""
+    if quiet:
+        return lambda _msg: None
+    return lambda msg: print(f"[portkey-gateway] {msg}", file=sys.stderr, flush=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    """Return the last ``lines`` lines of a text file ('' if unreadable)."""
+    try:
+        data = path.read_bytes()[-16384:]
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").replace("\r", "\n").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- install
+
+
+def _install_record() -> dict[str, object]:
+    """Describe the install we want; a different INSTALL.json means reinstall."""
+    return {"package": f"{GATEWAY_PACKAGE}@{GATEWAY_VERSION}", "npm_flags": list(NPM_FLAGS)}
+
+
+def _gateway_installed() -> bool:
+    try:
+        record = json.loads((_install_dir() / "INSTALL.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record == _install_record() and _entry_point().is_file()
+
+
+def _preload_current() -> bool:
+    try:
+        return _preload_path().read_bytes() == PRELOAD_JS.encode()
+    except OSError:
+        return False
+
+
+def ensure_installed(*, quiet: bool = False) -> Path:
+    """Install the gateway with npm if missing; return its entry script (``start-server.js``).
+
+    Idempotent and safe to call concurrently: a lock file serialises installs,
+    ``npm install`` runs in a temporary directory inside the cache that is moved
+    into place only when complete, and the preload script is replaced
+    atomically.  Progress goes to stderr unless ``quiet``.  Takes a few seconds.
+    """
+    if _gateway_installed() and _preload_current():
+        return _entry_point()
+    say = _sayer(quiet)
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with _install_lock(cache / ".portkey-gateway.lock", say):
+        _remove_stale_work_dirs(cache)
+        if not _gateway_installed():
+            with _work_dir(cache) as work:
+                _install_gateway(work, say)
+        if not _preload_current():
+            _write_atomic(_preload_path(), PRELOAD_JS.encode())
+    return _entry_point()
+
+
+@contextlib.contextmanager
+def _install_lock(path: Path, say: Say) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (waiting up to LOCK_TIMEOUT)."""
+    import fcntl
+
+    with path.open("a") as f:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    say(f"another process is installing; waiting for {path}")
+                    waiting = True
+                if time.monotonic() > deadline:
+                    raise GatewayError(f"timed out waiting for install lock {path}") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_WORK_PREFIX = ".portkey-work-"  # distinct from local_server's ".work-", which has its own lock
+
+
+def _remove_stale_work_dirs(cache: Path) -> None:
+    """Delete work dirs left by interrupted installs (we hold the lock, so none is live)."""
+    for stale in cache.glob(f"{_WORK_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _work_dir(cache: Path) -> Iterator[Path]:
+    """A temporary directory inside the cache (same filesystem, so renames are atomic)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=cache))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _install_gateway(work: Path, say: Say) -> None:
+    """``npm install`` the pinned gateway into ``work/stage`` and move it into the cache."""
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise GatewayError(
+            "the Portkey gateway needs node (>= 18) and npm on PATH (Debian/Ubuntu: apt-get install nodejs npm)"
+        )
+    started = time.monotonic()
+    log = cache_dir() / "logs" / "portkey-gateway-install.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    stage = work / "stage"
+    stage.mkdir()
+    spec = f"{GATEWAY_PACKAGE}@{GATEWAY_VERSION}"
+    say(f"installing {spec} from the npm registry (log: {log})...")
+    _run_logged([npm, "install", "--prefix", str(stage), *NPM_FLAGS, spec], log, cwd=stage)
+    if not stage.joinpath(*ENTRY_POINT).is_file():
+        raise GatewayError(f"npm install finished but {'/'.join(ENTRY_POINT)} is missing; see {log}")
+    (stage / PRELOAD_FILE).write_text(PRELOAD_JS)
+    (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
+    _replace_dir(stage, _install_dir())
+    say(f"gateway installed: {_entry_point()} ({time.monotonic() - started:.1f}s)")
+
+
+def _run_logged(cmd: list[str], log: Path, cwd: Path) -> None:
+    """Run ``cmd`` appending its output to ``log``; raise GatewayError with the log tail on failure."""
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
+    if code != 0:
+        raise GatewayError(f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{_tail(log)}")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``, replacing a previous version (under the install lock)."""
+    if final.exists():
+        os.replace(final, new.parent / "old")
+    os.replace(new, final)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class PortkeyGateway:
+    """A running Portkey gateway on 127.0.0.1."""
+
+    pid: int
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        """OpenAI-style API base of the gateway, e.g. ``http://127.0.0.1:8787/v1``."""
+        return f"http://{HOST}:{self.port}/v1"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the gateway (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        _terminate(self.pid, timeout)
+
+    def __enter__(self) -> PortkeyGateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(*, port: int | None = None, ready_timeout: float = 30.0, fix_streaming: bool = True) -> PortkeyGateway:
+    """Start the gateway in the background and wait until it answers on 127.0.0.1.
+
+    Installs it first if needed.  ``port=None`` picks a free port.  The gateway
+    runs in its own session with a minimal environment and logs to
+    ``<cache>/logs/portkey-gateway-<port>.log``.  ``fix_streaming=False``
+    starts it without the preload's mutable-headers fix, i.e. with the
+    upstream streaming bug (``TypeError: immutable``, HTTP 500).
+    """
+    entry = ensure_installed()
+    node = shutil.which("node")
+    if node is None:
+        raise GatewayError("node is not on PATH")
+    if port is not None and not _port_free(port):
+        raise GatewayError(f"port {port} on {HOST} is already in use")
+    attempts = 1 if port is not None else 3  # a picked port may be taken before the gateway binds it
+    for attempt in range(attempts):
+        chosen = port if port is not None else _free_port()
+        cmd = [node, "--require", str(_preload_path()), str(entry), f"--port={chosen}", "--headless"]
+        gateway = _spawn(cmd, chosen, fix_streaming)
+        try:
+            _wait_ready(gateway, ready_timeout)
+        except _BindError:
+            if attempt + 1 == attempts:
+                raise
+            continue
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave a gateway behind
+            _terminate(gateway.pid, 2.0)
+            raise
+        return gateway
+    raise AssertionError("unreachable")
+
+
+def _gateway_env(fix_streaming: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _ENV_PASSED or k.startswith("LC_")}
+    if not fix_streaming:
+        env[_NO_FETCH_FIX_ENV] = "1"
+    return env
+
+
+def _spawn(cmd: list[str], port: int, fix_streaming: bool) -> PortkeyGateway:
+    """Start the gateway detached (new session), output to its log file."""
+    log_path = _log_path(port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _prune_logs(log_path.parent)
+    with log_path.open("wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_gateway_env(fix_streaming),
+            cwd=_install_dir(),
+            start_new_session=True,
+            close_fds=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    return PortkeyGateway(pid=proc.pid, port=port, log_path=log_path)
+
+
+def _prune_logs(logs: Path) -> None:
+    """Delete gateway logs older than LOG_MAX_AGE (one log is kept per port used)."""
+    cutoff = time.time() - LOG_MAX_AGE
+    for old in logs.glob("portkey-gateway-*.log"):
+        with contextlib.suppress(OSError):
+            if old.name != "portkey-gateway-install.log" and old.stat().st_mtime < cutoff:
+                old.unlink()
+
+
+class _BindError(GatewayError):
+    """The gateway could not listen on its port."""
+
+
+def _wait_ready(gateway: PortkeyGateway, timeout: float) -> None:
+    """Wait until the gateway has bound its port and ``GET /`` answers 200; else stop it and raise.
+
+    The preload's "listening on" line in the log shows that this process (not
+    another one holding the port) is the one answering.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_alive(gateway.pid):
+            tail = _tail(gateway.log_path)
+            error = _BindError if "EADDRINUSE" in tail else GatewayError
+            raise error(f"gateway exited during startup; last lines of {gateway.log_path}:\n{tail}")
+        if _has_bound(gateway) and _http_status(gateway.port, READY_PATH) == 200:
+            return
+        time.sleep(0.05)
+    _terminate(gateway.pid, 2.0)
+    raise GatewayError(
+        f"gateway not ready after {timeout:g}s; last lines of {gateway.log_path}:\n{_tail(gateway.log_path)}"
+    )
+
+
+def _has_bound(gateway: PortkeyGateway) -> bool:
+    """True once the preload has logged that the gateway listens on its port on 127.0.0.1."""
+    marker = f'{_PRELOAD_TAG} listening on {{"address":"{HOST}","family":"IPv4","port":{gateway.port}}}'
+    try:
+        with gateway.log_path.open("rb") as log:
+            return marker.encode() in log.read(65536)
+    except OSError:
+        return False
+
+
+def _http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
+    """HTTP status of ``GET path`` on 127.0.0.1 (no proxies involved), or None if unreachable."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _is_alive(pid: int) -> bool:
+    """True if ``pid`` runs (our own exited children are reaped here)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie whose parent does not reap it counts as dead
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM ``pid``, wait up to ``timeout`` s, then SIGKILL; no error if already gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _is_alive(pid):
+                return
+            time.sleep(0.05)
+    raise GatewayError(f"process {pid} did not exit after SIGKILL")
+
+
+def _content_hash() -> str:
+    """Short hash of the preload script (shown by the CLI)."""
+    return hashlib.sha256(PRELOAD_JS.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    entry = ensure_installed(quiet=args.quiet)
+    print(f"entry:   {entry}\npreload: {_preload_path()} (sha256 {_content_hash()}...)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    gateway = start(port=args.port, ready_timeout=args.ready_timeout, fix_streaming=not args.no_fix_streaming)
+    print(f"{gateway.url}  (pid {gateway.pid}, log {gateway.log_path}); Ctrl-C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while _is_alive(gateway.pid):
+            time.sleep(0.5)
+        print(f"gateway exited; last lines of {gateway.log_path}:\n{_tail(gateway.log_path)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        gateway.stop()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portkey-gateway", description="Local Portkey AI gateway for dspy-anyscale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    install = sub.add_parser("install", help="npm install the gateway (idempotent)")
+    install.add_argument("--quiet", action="store_true", help="no progress messages")
+    install.set_defaults(func=_cmd_install)
+    run = sub.add_parser("run", help="run on 127.0.0.1 in the foreground until interrupted")
+    run.add_argument("--port", type=int, default=None, help="default: a free port")
+    run.add_argument("--ready-timeout", type=float, default=30.0)
+    run.add_argument("--no-fix-streaming", action="store_true", help="keep the upstream 'TypeError: immutable' bug")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
