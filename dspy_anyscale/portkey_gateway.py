@@ -48,25 +48,26 @@ Command line (``python -m dspy_anyscale.portkey_gateway``)::
     portkey-gateway install          # npm install (idempotent)
     portkey-gateway run [--port N]   # run in the foreground until interrupted
 
-This module imports only the standard library and does nothing on import.
+Besides the standard library this module imports only :mod:`dspy_anyscale._processes`
+(helpers shared with :mod:`dspy_anyscale.local_server`); it does nothing on import.
+As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import _processes
+from ._processes import Say
 
 __all__ = [
     "GATEWAY_PACKAGE",
@@ -79,7 +80,7 @@ __all__ = [
     "start",
 ]
 
-HOST = "127.0.0.1"
+HOST = _processes.HOST
 GATEWAY_PACKAGE = "@portkey-ai/gateway"
 GATEWAY_VERSION = "1.15.2"
 ENTRY_POINT = ("node_modules", "@portkey-ai", "gateway", "build", "start-server.js")  # package.json "bin"
@@ -98,6 +99,7 @@ NPM_FLAGS = (
 
 LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; gateway logs older than this are deleted
 LOCK_TIMEOUT = 900.0
+_WORK_PREFIX = ".portkey-work-"  # install work dirs in the cache; local_server's (".work-") have their own lock
 READY_PATH = "/"  # answers 200 "AI Gateway says hey!" as soon as the server listens
 
 # The gateway reads dozens of variables (REDIS_CONNECTION_STRING, TRUSTED_CUSTOM_HOSTS,
@@ -239,11 +241,6 @@ net.Socket.prototype.connect = function connect(...args) {
 };
 """
 
-Say = Callable[[str], None]
-
-# Gateways started by this process, kept so they are reaped.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
 
 class GatewayError(RuntimeError):
     """Installing, starting or stopping the Portkey gateway failed."""
@@ -254,9 +251,7 @@ class GatewayError(RuntimeError):
 
 def cache_dir() -> Path:
     """Return the cache directory shared with :mod:`dspy_anyscale.local_server`."""
-    from dspy_anyscale.local_server import cache_dir as shared_cache_dir
-
-    return shared_cache_dir()
+    return _processes.cache_dir()
 
 
 def _install_dir() -> Path:
@@ -275,25 +270,6 @@ def _log_path(port: int) -> Path:
     return cache_dir() / "logs" / f"portkey-gateway-{port}.log"
 
 
-# --------------------------------------------------------------------------- output
-
-
-def _sayer(quiet: bool) -> Say:
-    """Return a function printing progress messages to stderr (or nothing if quiet)."""
-    if quiet:
-        return lambda _msg: None
-    return lambda msg: print(f"[portkey-gateway] {msg}", file=sys.stderr, flush=True)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    """Return the last ``lines`` lines of a text file ('' if unreadable)."""
-    try:
-        data = path.read_bytes()[-16384:]
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").replace("\r", "\n").splitlines()[-lines:])
-
-
 # --------------------------------------------------------------------------- install
 
 
@@ -303,10 +279,7 @@ def _install_record() -> dict[str, object]:
 
 
 def _gateway_installed() -> bool:
-    try:
-        record = json.loads((_install_dir() / "INSTALL.json").read_text())
-    except (OSError, ValueError):
-        return False
+    record = _processes.read_json(_install_dir() / "INSTALL.json")
     return record == _install_record() and _entry_point().is_file()
 
 
@@ -327,63 +300,16 @@ def ensure_installed(*, quiet: bool = False) -> Path:
     """
     if _gateway_installed() and _preload_current():
         return _entry_point()
-    say = _sayer(quiet)
+    say = _processes.sayer("portkey-gateway", quiet)
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with _install_lock(cache / ".portkey-gateway.lock", say):
-        _remove_stale_work_dirs(cache)
+    lock = cache / ".portkey-gateway.lock"
+    with _processes.install_lock(lock, say, work_prefix=_WORK_PREFIX, timeout=LOCK_TIMEOUT, error=GatewayError):
         if not _gateway_installed():
-            with _work_dir(cache) as work:
+            with _processes.work_dir(cache, _WORK_PREFIX) as work:
                 _install_gateway(work, say)
         if not _preload_current():
-            _write_atomic(_preload_path(), PRELOAD_JS.encode())
+            _processes.write_atomic(_preload_path(), PRELOAD_JS.encode())
     return _entry_point()
-
-
-@contextlib.contextmanager
-def _install_lock(path: Path, say: Say) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (waiting up to LOCK_TIMEOUT)."""
-    import fcntl
-
-    with path.open("a") as f:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waiting:
-                    say(f"another process is installing; waiting for {path}")
-                    waiting = True
-                if time.monotonic() > deadline:
-                    raise GatewayError(f"timed out waiting for install lock {path}") from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-_WORK_PREFIX = ".portkey-work-"  # distinct from local_server's ".work-", which has its own lock
-
-
-def _remove_stale_work_dirs(cache: Path) -> None:
-    """Delete work dirs left by interrupted installs (we hold the lock, so none is live)."""
-    for stale in cache.glob(f"{_WORK_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _work_dir(cache: Path) -> Iterator[Path]:
-    """A temporary directory inside the cache (same filesystem, so renames are atomic)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=cache))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _install_gateway(work: Path, say: Say) -> None:
@@ -401,37 +327,14 @@ def _install_gateway(work: Path, say: Say) -> None:
     stage.mkdir()
     spec = f"{GATEWAY_PACKAGE}@{GATEWAY_VERSION}"
     say(f"installing {spec} from the npm registry (log: {log})...")
-    _run_logged([npm, "install", "--prefix", str(stage), *NPM_FLAGS, spec], log, cwd=stage)
+    cmd = [npm, "install", "--prefix", str(stage), *NPM_FLAGS, spec]
+    _processes.run_logged(cmd, log, error=GatewayError, cwd=stage)
     if not stage.joinpath(*ENTRY_POINT).is_file():
         raise GatewayError(f"npm install finished but {'/'.join(ENTRY_POINT)} is missing; see {log}")
     (stage / PRELOAD_FILE).write_text(PRELOAD_JS)
     (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
-    _replace_dir(stage, _install_dir())
+    _processes.replace_dir(stage, _install_dir())
     say(f"gateway installed: {_entry_point()} ({time.monotonic() - started:.1f}s)")
-
-
-def _run_logged(cmd: list[str], log: Path, cwd: Path) -> None:
-    """Run ``cmd`` appending its output to ``log``; raise GatewayError with the log tail on failure."""
-    with log.open("ab") as out:
-        out.write(f"$ {' '.join(cmd)}\n".encode())
-        out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
-    if code != 0:
-        raise GatewayError(f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{_tail(log)}")
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move ``new`` to ``final``, replacing a previous version (under the install lock)."""
-    if final.exists():
-        os.replace(final, new.parent / "old")
-    os.replace(new, final)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- running
@@ -452,7 +355,7 @@ class PortkeyGateway:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the gateway (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        _terminate(self.pid, timeout)
+        _processes.terminate(self.pid, timeout, error=GatewayError)
 
     def __enter__(self) -> PortkeyGateway:
         return self
@@ -474,24 +377,14 @@ def start(*, port: int | None = None, ready_timeout: float = 30.0, fix_streaming
     node = shutil.which("node")
     if node is None:
         raise GatewayError("node is not on PATH")
-    if port is not None and not _port_free(port):
-        raise GatewayError(f"port {port} on {HOST} is already in use")
-    attempts = 1 if port is not None else 3  # a picked port may be taken before the gateway binds it
-    for attempt in range(attempts):
-        chosen = port if port is not None else _free_port()
+
+    def launch(chosen: int) -> PortkeyGateway:
         cmd = [node, "--require", str(_preload_path()), str(entry), f"--port={chosen}", "--headless"]
         gateway = _spawn(cmd, chosen, fix_streaming)
-        try:
-            _wait_ready(gateway, ready_timeout)
-        except _BindError:
-            if attempt + 1 == attempts:
-                raise
-            continue
-        except BaseException:  # e.g. KeyboardInterrupt: do not leave a gateway behind
-            _terminate(gateway.pid, 2.0)
-            raise
+        _wait_ready(gateway, ready_timeout)
         return gateway
-    raise AssertionError("unreachable")
+
+    return _processes.start_on_port(port, launch, error=GatewayError, bind_error=_BindError)
 
 
 def _gateway_env(fix_streaming: bool) -> dict[str, str]:
@@ -504,32 +397,10 @@ def _gateway_env(fix_streaming: bool) -> dict[str, str]:
 def _spawn(cmd: list[str], port: int, fix_streaming: bool) -> PortkeyGateway:
     """Start the gateway detached (new session), output to its log file."""
     log_path = _log_path(port)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    _prune_logs(log_path.parent)
-    with log_path.open("wb") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_gateway_env(fix_streaming),
-            cwd=_install_dir(),
-            start_new_session=True,
-            close_fds=True,
-        )
-    _CHILDREN[proc.pid] = proc
-    return PortkeyGateway(pid=proc.pid, port=port, log_path=log_path)
-
-
-def _prune_logs(logs: Path) -> None:
-    """Delete gateway logs older than LOG_MAX_AGE (one log is kept per port used)."""
-    cutoff = time.time() - LOG_MAX_AGE
-    for old in logs.glob("portkey-gateway-*.log"):
-        with contextlib.suppress(OSError):
-            if old.name != "portkey-gateway-install.log" and old.stat().st_mtime < cutoff:
-                old.unlink()
+    # Delete gateway logs older than LOG_MAX_AGE (one log is kept per port used), not the install log.
+    _processes.prune_logs(log_path.parent, "portkey-gateway-*.log", LOG_MAX_AGE, keep=("portkey-gateway-install.log",))
+    pid = _processes.spawn_detached(cmd, log_path, _gateway_env(fix_streaming), cwd=_install_dir())
+    return PortkeyGateway(pid=pid, port=port, log_path=log_path)
 
 
 class _BindError(GatewayError):
@@ -542,18 +413,15 @@ def _wait_ready(gateway: PortkeyGateway, timeout: float) -> None:
     The preload's "listening on" line in the log shows that this process (not
     another one holding the port) is the one answering.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _is_alive(gateway.pid):
-            tail = _tail(gateway.log_path)
-            error = _BindError if "EADDRINUSE" in tail else GatewayError
-            raise error(f"gateway exited during startup; last lines of {gateway.log_path}:\n{tail}")
-        if _has_bound(gateway) and _http_status(gateway.port, READY_PATH) == 200:
-            return
-        time.sleep(0.05)
-    _terminate(gateway.pid, 2.0)
-    raise GatewayError(
-        f"gateway not ready after {timeout:g}s; last lines of {gateway.log_path}:\n{_tail(gateway.log_path)}"
+    _processes.wait_ready(
+        gateway.pid,
+        gateway.log_path,
+        lambda: _has_bound(gateway) and _processes.http_status(gateway.port, READY_PATH, host=HOST) == 200,
+        timeout,
+        what="gateway",
+        error=GatewayError,
+        bind_error=_BindError,
+        bind_marker="EADDRINUSE",
     )
 
 
@@ -565,73 +433,6 @@ def _has_bound(gateway: PortkeyGateway) -> bool:
             return marker.encode() in log.read(65536)
     except OSError:
         return False
-
-
-def _http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
-    """HTTP status of ``GET path`` on 127.0.0.1 (no proxies involved), or None if unreachable."""
-    import http.client
-
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _is_alive(pid: int) -> bool:
-    """True if ``pid`` runs (our own exited children are reaped here)."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie whose parent does not reap it counts as dead
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    """SIGTERM ``pid``, wait up to ``timeout`` s, then SIGKILL; no error if already gone."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _is_alive(pid):
-                return
-            time.sleep(0.05)
-    raise GatewayError(f"process {pid} did not exit after SIGKILL")
 
 
 def _content_hash() -> str:
@@ -653,9 +454,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{gateway.url}  (pid {gateway.pid}, log {gateway.log_path}); Ctrl-C stops it", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        while _is_alive(gateway.pid):
+        while _processes.is_alive(gateway.pid):
             time.sleep(0.5)
-        print(f"gateway exited; last lines of {gateway.log_path}:\n{_tail(gateway.log_path)}", file=sys.stderr)
+        last = _processes.tail(gateway.log_path)
+        print(f"gateway exited; last lines of {gateway.log_path}:\n{last}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -680,11 +482,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     args = _parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return _processes.run_cli(lambda: args.func(args), GatewayError)
 
 
 if __name__ == "__main__":
