@@ -21,7 +21,7 @@ from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
 from ._observe import report_attempt
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
-from ._transport import AsyncTransport, SyncTransport
+from ._transport import AsyncTransport, JsonReply, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
 from .usage import Attempt, UsageRecorder
 
@@ -96,6 +96,9 @@ class _EngineBase:
     def _url(self, call: WireCall) -> str:
         return self.transport.endpoint.url(call.path)
 
+    def _parse(self, reply: JsonReply, call: WireCall, request: Request) -> Response:
+        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+
     def dump_state(self) -> dict[str, Any]:
         """Reconstruction state for DSPy's save of custom engines: no key, no header values."""
         transport = self.transport
@@ -128,19 +131,33 @@ class _AttemptClock:
         self._started = time.perf_counter()
         self.ttft: float | None = None
         self.request_id: str | None = None
+        self._reported = False
 
-    def delta(self) -> None:
-        if self.ttft is None:
+    def __enter__(self) -> _AttemptClock:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and not self._reported:  # a failed attempt (or a stream closed early)
+            self._report(False, type(exc).__name__, None, None)
+
+    def timed(self, events: list[Any]) -> list[Any]:
+        """Stream events as they arrive; the first one stops the time-to-first-token clock."""
+        if events and self.ttft is None:
             self.ttft = time.perf_counter() - self._started
+        return events
 
-    def succeeded(self, usage: lm15.Usage | None) -> None:
-        usage = usage or lm15.Usage()
+    def succeeded(self, response: Response) -> Response:
+        self._report(True, None, response.usage.input_tokens, response.usage.output_tokens)
+        return response
+
+    def finished(self, end: list[Any]) -> list[Any]:
+        """A stream's final events (its usage is on the end event)."""
+        usage = end[-1].usage or lm15.Usage()
         self._report(True, None, usage.input_tokens, usage.output_tokens)
-
-    def failed(self, exc: BaseException) -> None:
-        self._report(False, type(exc).__name__, None, None)
+        return end
 
     def _report(self, ok: bool, error: str | None, prompt: int | None, completion: int | None) -> None:
+        self._reported = True
         report_attempt(
             self._recorder,
             Attempt(
@@ -165,36 +182,20 @@ class AnyscaleEngine(_EngineBase):
 
     def complete(self, request: Request) -> Response:
         call = self._call(request)
-        clock = _AttemptClock(self, call, request)
-        try:
+        with _AttemptClock(self, call, request) as clock:
             reply = self.transport.request_json("POST", call.path, call.payload)
             clock.request_id = reply.request_id
-            response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
-        except BaseException as exc:
-            clock.failed(exc)
-            raise
-        clock.succeeded(response.usage)
-        return response
+            return clock.succeeded(self._parse(reply, call, request))
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self._call(request, stream=True)
-        clock = _AttemptClock(self, call, request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
-        try:
-            with self.transport.stream(call.path, call.payload) as reply:
+        with _AttemptClock(self, call, request, stream=True) as clock:
+            with self.transport.stream(call.path, call.payload) as reply, translator.interruptions():
                 clock.request_id = reply.request_id
-                try:
-                    for event in iter_sse(reply.chunks):
-                        for item in translator.feed(event):
-                            clock.delta()
-                            yield item
-                except (lm15.TransportError, lm15.TimeoutError) as exc:
-                    raise translator.interrupted(exc) from exc
-            end = translator.finish()
-        except BaseException as exc:
-            clock.failed(exc)
-            raise
-        clock.succeeded(end[-1].usage)
+                for event in iter_sse(reply.chunks):
+                    yield from clock.timed(translator.feed(event))
+            end = clock.finished(translator.finish())
         yield from end
 
     def close(self) -> None:
@@ -208,36 +209,22 @@ class AsyncAnyscaleEngine(_EngineBase):
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
-        clock = _AttemptClock(self, call, request)
-        try:
+        with _AttemptClock(self, call, request) as clock:
             reply = await self.transport.request_json("POST", call.path, call.payload)
             clock.request_id = reply.request_id
-            response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
-        except BaseException as exc:
-            clock.failed(exc)
-            raise
-        clock.succeeded(response.usage)
-        return response
+            return clock.succeeded(self._parse(reply, call, request))
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self._call(request, stream=True)
-        clock = _AttemptClock(self, call, request, stream=True)
         translator = StreamTranslator(call, request, url=self._url(call))
-        try:
+        with _AttemptClock(self, call, request, stream=True) as clock:
             async with self.transport.stream(call.path, call.payload) as reply:
                 clock.request_id = reply.request_id
-                try:
+                with translator.interruptions():
                     async for event in aiter_sse(reply.chunks):
-                        for item in translator.feed(event):
-                            clock.delta()
+                        for item in clock.timed(translator.feed(event)):
                             yield item
-                except (lm15.TransportError, lm15.TimeoutError) as exc:
-                    raise translator.interrupted(exc) from exc
-            end = translator.finish()
-        except BaseException as exc:
-            clock.failed(exc)
-            raise
-        clock.succeeded(end[-1].usage)
+            end = clock.finished(translator.finish())
         for item in end:
             yield item
 

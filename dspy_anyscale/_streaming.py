@@ -7,7 +7,8 @@ An ``{"error": ...}`` payload inside the stream raises the mapped lm15 error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -77,16 +78,19 @@ class StreamTranslator:
             )
         return [StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
 
-    def interrupted(self, cause: lm15.LM15Error) -> lm15.LM15Error:
-        """The error for a stream whose connection failed midway, saying how far it got."""
-        if self._done or self._finish is not None:
-            return cause
-        got = f"after {self.characters} characters" if self._started else "before any data"
-        error = type(cause)(
-            f"The stream from POST {self._url} broke {got}: {cause.message}; the answer is incomplete",
-            provider=PROVIDER,
-        )
-        return error
+    @contextmanager
+    def interruptions(self) -> Iterator[None]:
+        """A connection that fails midway raises an error saying how far the stream got."""
+        try:
+            yield
+        except (lm15.TransportError, lm15.TimeoutError) as exc:
+            if self._done or self._finish is not None:
+                raise
+            got = f"after {self.characters} characters" if self._started else "before any data"
+            raise type(exc)(
+                f"The stream from POST {self._url} broke {got}: {exc.message}; the answer is incomplete",
+                provider=PROVIDER,
+            ) from exc
 
     def _parse(self, data: str) -> dict[str, Any]:
         try:
