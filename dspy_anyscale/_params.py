@@ -44,6 +44,8 @@ DSPY_GENERATION_KEYS = frozenset(
 )
 # Call controls that DSPy owns (cache lookup, cache-busting id), never sent to the server.
 DSPY_CALL_KEYS = frozenset({"cache", "rollout_id"})
+# Other keys DSPy's messages path takes; the engine maps them or refuses them with the field's name.
+_DSPY_OTHER_KEYS = frozenset({"service_tier", "store", "reasoning_effort", "prompt_cache", "safety_identifier"})
 # Settings of the connection, which the engine owns: DSPy refuses them on a custom-engine LM.
 CONNECTION_KEYS = frozenset({"api_key", "api_base", "base_url", "headers", "extra_headers", "timeout"})
 _SAMPLING = ("temperature", "max_tokens", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
@@ -92,7 +94,7 @@ def split_constructor_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any],
 def check_program_call_kwargs(kwargs: Mapping[str, Any]) -> None:
     """Refuse, with a useful message, per-call keys DSPy's messages path cannot carry."""
     for key in kwargs:
-        if key in DSPY_GENERATION_KEYS or key in DSPY_CALL_KEYS or key in ("messages", "request"):
+        if key in DSPY_GENERATION_KEYS or key in DSPY_CALL_KEYS or key in _DSPY_OTHER_KEYS:
             continue
         _guard_typo(key)
         raise UnsupportedParameterError(

@@ -122,8 +122,11 @@ class Anyscale(HFModel):
             ``{"type": "json_object", "schema": ...}``.
         supports_tools / supports_response_schema: declare ``False`` for servers or models without
             tool calling / schema-constrained JSON; DSPy's adapters then do not ask for them.
-        headers: extra HTTP headers on every request (e.g. a gateway's).
+        headers: extra HTTP headers on every request (e.g. ``portkey_headers(...)`` for a gateway).
         pool_size: connections kept open per pool; at least your thread count.
+        prices: ``{"input": ..., "output": ...}`` in USD per million tokens, for the cost of each
+            call; default: the legacy Anyscale catalogue (``model_info``), else unknown.
+        usage_log: a JSON-lines file that gets one usage record per call; else ``ANYSCALE_USAGE_LOG``.
         temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
         **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
             DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
