@@ -68,6 +68,11 @@ def _lookup(names: tuple[str, ...]) -> tuple[str | None, str | None]:
     return None, None
 
 
+def base_url_configured() -> bool:
+    """Whether a base URL is set in the environment or a ``.env`` file (an argument aside)."""
+    return _lookup(C.ENV_API_BASE_NAMES)[0] is not None
+
+
 def _missing_base_url() -> MissingConfigurationError:
     examples = "; ".join(C.BASE_URL_EXAMPLES)
     return MissingConfigurationError(

@@ -257,12 +257,10 @@ class SyncTransport:
 
     def _chunks(self, response: requests.Response, prepared: requests.PreparedRequest) -> Iterator[bytes]:
         try:
-            yield from response.raw.stream(amt=65536, decode_content=True)
-        except Exception as exc:  # urllib3 errors mid-stream: reset, timeout, protocol
-            wrapped = requests.RequestException(exc)
-            if "timed out" in str(exc).lower() or isinstance(exc, TimeoutError):
-                wrapped = requests.ReadTimeout(exc)
-            raise self._translate(wrapped, prepared) from exc
+            # requests turns urllib3's mid-stream failures (reset, timeout, bad chunk) into its own errors.
+            yield from response.iter_content(chunk_size=65536)
+        except requests.RequestException as exc:
+            raise self._translate(exc, prepared) from exc
 
     def close(self) -> None:
         self._adapter.close()

@@ -30,15 +30,11 @@ def _say(message: str) -> None:
 
 
 def _endpoint_configured() -> bool:
-    from ._config import resolve_endpoint
-    from .errors import MissingConfigurationError
+    from ._config import base_url_configured, resolve_endpoint
 
-    try:
-        resolve_endpoint()
-    except MissingConfigurationError as exc:
-        if "base URL" in str(exc):
-            return False
-        raise  # a base URL without a key: say so rather than start something else
+    if not base_url_configured():
+        return False
+    resolve_endpoint()  # a base URL without a key: say so rather than start something else
     return True
 
 

@@ -70,17 +70,13 @@ def test_429_retry_after_is_honoured(make_lm, stub, waits, chat, mode):
 
 @pytest.mark.parametrize("chat", ENDPOINTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("status", [500, 502, 503])
-def test_server_errors_then_success(make_lm, stub, waits, chat, mode, status):
-    stub.script(Fault(status=status), Fault(status=status))
-    assert call(make_lm(use_chat_api=chat), mode) == "echo: hello there"
-    assert len(stub.posts()) == 3
-
-
-@pytest.mark.parametrize("chat", ENDPOINTS)
-@pytest.mark.parametrize("mode", MODES)
-def test_connection_reset_then_success(make_lm, stub, waits, chat, mode):
-    stub.script(Fault(reset=True), Fault(reset=True))
+@pytest.mark.parametrize(
+    "fault",
+    [Fault(status=500), Fault(status=502), Fault(status=503), Fault(reset=True)],
+    ids=["500", "502", "503", "connection-reset"],
+)
+def test_transient_failures_twice_then_success(make_lm, stub, waits, chat, mode, fault):
+    stub.script(fault, fault)
     assert call(make_lm(use_chat_api=chat), mode) == "echo: hello there"
     assert len(stub.posts()) == 3
 
