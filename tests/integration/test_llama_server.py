@@ -1,5 +1,5 @@
 """Against a real OpenAI-compatible server written by others: llama.cpp's llama-server serving
-SmolLM2-135M-Instruct on 127.0.0.1 (see dspy_anyscale.local_server). Both endpoints, sync and async."""
+SmolLM2-135M-Instruct on 127.0.0.1 (see dspy_anyscale.servers.llama_server). Both endpoints, sync and async."""
 
 from __future__ import annotations
 

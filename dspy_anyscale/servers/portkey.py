@@ -3,7 +3,7 @@
 The gateway is the npm package ``@portkey-ai/gateway`` (pinned below), installed
 with ``npm`` from the npm registry, so this works on machines whose only network
 access is a package registry.  It needs ``node`` (>= 18) and ``npm`` on PATH.
-Put it in front of the local llama.cpp server (:mod:`dspy_anyscale.local_server`)
+Put it in front of the local llama.cpp server (:mod:`dspy_anyscale.servers.llama_server`)
 to exercise the client against a real Portkey gateway::
 
     <cache>/portkey-gateway/node_modules/@portkey-ai/gateway/build/start-server.js   entry point
@@ -12,11 +12,11 @@ to exercise the client against a real Portkey gateway::
     <cache>/logs/portkey-gateway-<port>.log             output of each started gateway (pruned after 7 days)
     <cache>/logs/portkey-gateway-install.log            output of the last ``npm install``
 
-``<cache>`` is :func:`dspy_anyscale.local_server.cache_dir`.  The gateway itself
+``<cache>`` is :func:`dspy_anyscale.servers._processes.cache_dir`.  The gateway itself
 only takes ``--port=N`` and ``--headless`` and listens on all interfaces, and on
 Node 20 its streaming path fails with ``TypeError: immutable``.  So it is started
 as ``node --require <preload> <entry> --port=N --headless`` where the preload
-(kept in this module as :data:`PRELOAD_JS`):
+(``portkey_preload.cjs`` next to this module, :data:`PRELOAD_SOURCE`):
 
 * makes every TCP ``net.Server.listen`` bind 127.0.0.1, whatever the caller asked;
 * makes ``fetch`` return responses with mutable headers: the gateway wraps the
@@ -43,13 +43,13 @@ Route a request to an OpenAI-compatible server with the headers
 ``x-portkey-provider: openai``, ``x-portkey-custom-host: <server base url>`` and
 ``Authorization: Bearer <server key>`` (or one ``x-portkey-config`` JSON header).
 
-Command line (``python -m dspy_anyscale.portkey_gateway``)::
+Command line (``python -m dspy_anyscale.servers.portkey``)::
 
     portkey-gateway install          # npm install (idempotent)
     portkey-gateway run [--port N]   # run in the foreground until interrupted
 
-Besides the standard library this module imports only :mod:`dspy_anyscale._processes`
-(helpers shared with :mod:`dspy_anyscale.local_server`); it does nothing on import.
+Besides the standard library this module imports only :mod:`dspy_anyscale.servers._processes`
+(helpers shared with :mod:`dspy_anyscale.servers.llama_server`); it does nothing on import.
 As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
@@ -72,7 +72,7 @@ from ._processes import Say
 __all__ = [
     "GATEWAY_PACKAGE",
     "GATEWAY_VERSION",
-    "PRELOAD_JS",
+    "PRELOAD_SOURCE",
     "GatewayError",
     "PortkeyGateway",
     "ensure_installed",
@@ -99,7 +99,7 @@ NPM_FLAGS = (
 
 LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; gateway logs older than this are deleted
 LOCK_TIMEOUT = 900.0
-_WORK_PREFIX = ".portkey-work-"  # install work dirs in the cache; local_server's (".work-") have their own lock
+_WORK_PREFIX = ".portkey-work-"  # install work dirs in the cache; llama_server's (".work-") have their own lock
 READY_PATH = "/"  # answers 200 "AI Gateway says hey!" as soon as the server listens
 
 # The gateway reads dozens of variables (REDIS_CONNECTION_STRING, TRUSTED_CUSTOM_HOSTS,
@@ -118,128 +118,14 @@ _ENV_PASSED = (
     _KEEP_ALIVE_ENV,
 )
 _NO_FETCH_FIX_ENV = "DSPY_ANYSCALE_GATEWAY_NO_FETCH_FIX"
-_PRELOAD_TAG = "[dspy-anyscale preload]"  # prefix of the preload's log lines (TAG in PRELOAD_JS)
+_PRELOAD_TAG = "[dspy-anyscale preload]"  # prefix of the preload's log lines (TAG in the preload)
 
-PRELOAD_JS = r"""// Written by dspy_anyscale.portkey_gateway; rewritten when it differs.  Do not edit.
-// Loaded with `node --require` before the Portkey gateway (an ES module) starts.
-'use strict';
-const net = require('node:net');
+# The preload (a CommonJS file next to this module), copied next to the installed gateway.
+PRELOAD_SOURCE = Path(__file__).with_name("portkey_preload.cjs")
 
-const HOST = '127.0.0.1';
-const TAG = '[dspy-anyscale preload]';
-const say = (msg) => process.stderr.write(`${TAG} ${msg}\n`);
 
-// 1. Every TCP server listens on HOST only.  The gateway calls
-//    serve({port}) -> server.listen(port, undefined, cb), i.e. all interfaces.
-const originalListen = net.Server.prototype.listen;
-const isNumericPort = (v) => typeof v === 'number' || (typeof v === 'string' && /^\d+$/.test(v));
-net.Server.prototype.listen = function listen(...args) {
-  const callback = typeof args[args.length - 1] === 'function' ? args.pop() : undefined;
-  const first = args[0];
-  let options = null;
-  if (first !== null && typeof first === 'object') {
-    const tcp = first.path === undefined && first.handle === undefined && first.fd === undefined && !first._handle;
-    if (tcp) options = { ...first, host: HOST };
-  } else if (first === undefined || isNumericPort(first)) {
-    options = { port: first === undefined ? 0 : Number(first), host: HOST };
-    const backlog = typeof args[1] === 'number' ? args[1] : args[2];
-    if (typeof backlog === 'number') options.backlog = backlog;
-  }
-  if (options === null) {  // a pipe path or a handle: not ours to change
-    return originalListen.apply(this, callback ? [...args, callback] : args);
-  }
-  this.once('listening', () => say(`listening on ${JSON.stringify(this.address())}`));
-  return callback ? originalListen.call(this, options, callback) : originalListen.call(this, options);
-};
-
-// 2. fetch() returns a Response whose headers are mutable.  Native fetch responses
-//    have immutable headers; the gateway's streaming path appends x-portkey-*
-//    headers to them ("TypeError: immutable", Portkey gateway issues #1389, #1550).
-//    The copy leaves out hop-by-hop headers (Connection, Keep-Alive), which the
-//    gateway would otherwise forward to its client.
-// 3. fetch() does not reuse connections (undici Agent with pipelining 0).  Servers
-//    such as llama-server close the connection after a streamed response although
-//    they announced keep-alive; when the gateway reuses it before the close arrives
-//    the next request fails ("other side closed" / ECONNRESET -> HTTP 500).
-const nativeFetch = globalThis.fetch;
-const NativeResponse = globalThis.Response;  // before @hono/node-server replaces it
-const NativeHeaders = globalThis.Headers;
-const NULL_BODY_STATUS = new Set([101, 103, 204, 205, 304]);
-const fixHeaders = process.env.DSPY_ANYSCALE_GATEWAY_NO_FETCH_FIX !== '1';
-const keepAlive = process.env.DSPY_ANYSCALE_GATEWAY_KEEP_ALIVE === '1';
-let freshConnections = null;  // Promise<Agent | undefined>
-function noKeepAliveAgent() {
-  // Node bundles undici without exporting it: take the Agent class from the global
-  // dispatcher, which a data: fetch creates without touching the network.
-  freshConnections ??= nativeFetch('data:,')
-    .then((r) => r.arrayBuffer())
-    .then(() => {
-      const agent = new globalThis[Symbol.for('undici.globalDispatcher.1')].constructor({ pipelining: 0 });
-      if (typeof agent.dispatch !== 'function') throw new Error('global dispatcher is not an undici Agent');
-      return agent;
-    })
-    .catch((err) => {
-      say(`no undici Agent (${err && err.message}); upstream connections are reused`);
-      return undefined;
-    });
-  return freshConnections;
-}
-if (typeof nativeFetch === 'function' && (fixHeaders || !keepAlive)) {
-  globalThis.fetch = async function fetch(input, init) {
-    if (!keepAlive && init?.dispatcher === undefined) {
-      const dispatcher = await noKeepAliveAgent();
-      if (dispatcher !== undefined) init = { ...init, dispatcher };
-    }
-    const upstream = await nativeFetch(input, init);
-    if (!fixHeaders) return upstream;
-    let copy;
-    try {
-      const headers = new NativeHeaders(upstream.headers);
-      // Hop-by-hop headers describe the upstream connection; the gateway would pass them on.
-      const hopByHop = (headers.get('connection') || '').split(',').map((h) => h.trim()).filter(Boolean);
-      for (const name of [...hopByHop, 'connection', 'keep-alive']) headers.delete(name);
-      copy = new NativeResponse(NULL_BODY_STATUS.has(upstream.status) ? null : upstream.body, {
-        status: upstream.status,
-        statusText: upstream.statusText,
-        headers,
-      });
-    } catch (err) {
-      say(`mutable-headers fix not applied (${err && err.message}); returning the original response`);
-      return upstream;
-    }
-    Object.defineProperty(copy, 'url', { value: upstream.url });
-    Object.defineProperty(copy, 'redirected', { value: upstream.redirected });
-    return copy;
-  };
-}
-if (!fixHeaders) say('mutable-headers fix disabled (streaming fails with "TypeError: immutable")');
-if (keepAlive) say('upstream keep-alive enabled');
-
-// 4. Note outgoing connections to hosts other than loopback (nothing is blocked).
-const originalConnect = net.Socket.prototype.connect;
-const LOOPBACK = /^(localhost|127\.\d+\.\d+\.\d+|::1|::ffff:127\.\d+\.\d+\.\d+|\[::1\])$/i;
-function targetOf(args) {
-  const a = Array.isArray(args[0]) ? args[0] : args;  // net.connect passes normalized [options, cb]
-  const first = a[0];
-  if (first !== null && typeof first === 'object') {
-    if (first.path !== undefined) return null;
-    return `${first.host || first.hostname || 'localhost'}:${first.port}`;
-  }
-  if (isNumericPort(first)) return `${typeof a[1] === 'string' ? a[1] : 'localhost'}:${first}`;
-  return null;
-}
-net.Socket.prototype.connect = function connect(...args) {
-  try {
-    const target = targetOf(args);
-    if (target !== null && !LOOPBACK.test(target.slice(0, target.lastIndexOf(':')))) {
-      say(`outgoing connection to ${target}`);
-    }
-  } catch (err) {
-    // never let the notice break a connection
-  }
-  return originalConnect.apply(this, args);
-};
-"""
+def _preload_bytes() -> bytes:
+    return PRELOAD_SOURCE.read_bytes()
 
 
 class GatewayError(RuntimeError):
@@ -250,7 +136,7 @@ class GatewayError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Return the cache directory shared with :mod:`dspy_anyscale.local_server`."""
+    """Return the cache directory shared with :mod:`dspy_anyscale.servers.llama_server`."""
     return _processes.cache_dir()
 
 
@@ -285,7 +171,7 @@ def _gateway_installed() -> bool:
 
 def _preload_current() -> bool:
     try:
-        return _preload_path().read_bytes() == PRELOAD_JS.encode()
+        return _preload_path().read_bytes() == _preload_bytes()
     except OSError:
         return False
 
@@ -308,7 +194,7 @@ def ensure_installed(*, quiet: bool = False) -> Path:
             with _processes.work_dir(cache, _WORK_PREFIX) as work:
                 _install_gateway(work, say)
         if not _preload_current():
-            _processes.write_atomic(_preload_path(), PRELOAD_JS.encode())
+            _processes.write_atomic(_preload_path(), _preload_bytes())
     return _entry_point()
 
 
@@ -331,7 +217,7 @@ def _install_gateway(work: Path, say: Say) -> None:
     _processes.run_logged(cmd, log, error=GatewayError, cwd=stage)
     if not stage.joinpath(*ENTRY_POINT).is_file():
         raise GatewayError(f"npm install finished but {'/'.join(ENTRY_POINT)} is missing; see {log}")
-    (stage / PRELOAD_FILE).write_text(PRELOAD_JS)
+    (stage / PRELOAD_FILE).write_bytes(_preload_bytes())
     (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
     _processes.replace_dir(stage, _install_dir())
     say(f"gateway installed: {_entry_point()} ({time.monotonic() - started:.1f}s)")
@@ -437,7 +323,7 @@ def _has_bound(gateway: PortkeyGateway) -> bool:
 
 def _content_hash() -> str:
     """Short hash of the preload script (shown by the CLI)."""
-    return hashlib.sha256(PRELOAD_JS.encode()).hexdigest()[:12]
+    return hashlib.sha256(_preload_bytes()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,4 +1,4 @@
-"""Helpers shared by the test-server managers :mod:`.local_server` and :mod:`.portkey_gateway`.
+"""Helpers shared by the test-server managers :mod:`.llama_server` and :mod:`.portkey`.
 
 Cache directory, progress messages, install lock and work directories, logged
 commands, and background processes on 127.0.0.1 (spawn, readiness, liveness,

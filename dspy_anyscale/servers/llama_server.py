@@ -20,15 +20,15 @@ Python API::
     server.base_url                  # "http://127.0.0.1:<port>/v1"
     server.stop()
 
-Command line (``python -m dspy_anyscale.local_server`` or ``scripts/local-server``)::
+Command line (``python -m dspy_anyscale.servers.llama_server`` or ``scripts/local-server``)::
 
     local-server install             # download + build (idempotent)
     eval "$(local-server start)"     # exports ANYSCALE_API_BASE / ANYSCALE_API_KEY
     local-server status
     local-server stop
 
-Besides the standard library this module imports only :mod:`dspy_anyscale._processes`
-(helpers shared with :mod:`dspy_anyscale.portkey_gateway`); it does nothing on import.
+Besides the standard library this module imports only :mod:`dspy_anyscale.servers._processes`
+(helpers shared with :mod:`dspy_anyscale.servers.portkey`); it does nothing on import.
 As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
