@@ -15,6 +15,7 @@ from .catalog import CATALOG, ModelInfo, Prices, model_info
 from .errors import (
     AnyscaleError,
     ConfigurationError,
+    InvalidParameterError,
     MissingConfigurationError,
     UnexpectedResponseError,
     UnsupportedParameterError,
@@ -30,6 +31,7 @@ __all__ = [
     "AnyscaleError",
     "ConfigurationError",
     "HFModel",
+    "InvalidParameterError",
     "MissingConfigurationError",
     "ModelInfo",
     "Prices",

@@ -8,12 +8,12 @@ variable that is set, and nothing happens at import time.
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from . import _constants as C
 from .errors import ConfigurationError, MissingConfigurationError
@@ -88,6 +88,25 @@ def normalize_base_url(url: str, origin: str = "api_base") -> str:
         raise ConfigurationError(f"{origin} must be a string URL, got {type(url).__name__}")
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
+    _check_url_parts(url, parts, origin)
+    for suffix in (C.CHAT_PATH, C.COMPLETIONS_PATH):
+        if parts.path.endswith(suffix):
+            base = url[: -len(suffix)]
+            raise ConfigurationError(
+                f"{origin} should be the base URL, not an endpoint: use {base!r} instead of {url!r}"
+            )
+    if url == C.RETIRED_ENDPOINTS_URL:
+        warnings.warn(
+            f"{C.RETIRED_ENDPOINTS_URL} is the public Anyscale Endpoints API, which closed on 2024-08-01 "
+            "and now answers with an HTML notice. Point api_base at your own deployment "
+            f"({'; '.join(C.BASE_URL_EXAMPLES)}).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return url
+
+
+def _check_url_parts(url: str, parts: SplitResult, origin: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(f"{origin} must be an http(s) URL such as http://host:port/v1, got {url!r}")
     if parts.username or parts.password:
@@ -98,21 +117,32 @@ def normalize_base_url(url: str, origin: str = "api_base") -> str:
         )
     if parts.query or parts.fragment:
         raise ConfigurationError(f"{origin} must not carry a query string or fragment: {url!r}")
-    for suffix in (C.CHAT_PATH, C.COMPLETIONS_PATH):
-        if parts.path.endswith(suffix):
-            base = url[: -len(suffix)]
-            raise ConfigurationError(
-                f"{origin} should be the base URL, not an endpoint: use {base!r} instead of {url!r}"
-            )
-    if url.rstrip("/") == C.RETIRED_ENDPOINTS_URL:
-        warnings.warn(
-            f"{C.RETIRED_ENDPOINTS_URL} is the public Anyscale Endpoints API, which closed on 2024-08-01 "
-            "and now answers with an HTML notice. Point api_base at your own deployment "
-            f"({'; '.join(C.BASE_URL_EXAMPLES)}).",
-            UserWarning,
-            stacklevel=4,
+    if any(ch.isspace() or not ch.isprintable() for ch in url) or not url.isascii():
+        raise ConfigurationError(
+            f"{origin} must be an ASCII URL without spaces or control characters, got {url!r} "
+            "(percent-encode a path segment that needs them)"
         )
-    return url
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigurationError(f"{origin} has an invalid port (1-65535): {url!r}")
+
+
+def check_api_key(key: str, origin: str) -> None:
+    """A bearer token is one word of visible ASCII; say where it is wrong without showing it."""
+    for position, ch in enumerate(key, 1):
+        if ch.isspace() or not ch.isprintable() or not ch.isascii():
+            what = (
+                "whitespace (a trailing newline or space from a file?)"
+                if ch.isspace()
+                else ("a non-ASCII character" if ch.isprintable() else "a control character")
+            )
+            raise ConfigurationError(
+                f"The API key from {origin} contains {what} at position {position} of {len(key)}. A bearer "
+                "token is one word of visible ASCII characters: remove it (e.g. key.strip()) and check the key."
+            )
 
 
 def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) -> Endpoint:
@@ -126,7 +156,7 @@ def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) ->
         base, base_origin = _lookup(C.ENV_API_BASE_NAMES)
         if base is None:
             raise _missing_base_url()
-    base_url = normalize_base_url(base, base_origin or "api_base")
+    base_url = normalize_base_url(base, "api_base" if base_origin == "argument" else base_origin or "api_base")
 
     if api_key is not None:
         if not isinstance(api_key, str):
@@ -140,6 +170,7 @@ def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) ->
                 "environment or a .env file (an Anyscale Service uses its bearer token). For a local server "
                 "that needs no key, pass api_key=''."
             )
+    check_api_key(key, "api_key=..." if key_origin == "argument" else key_origin or C.ENV_API_KEY)
     return Endpoint(
         base_url=base_url,
         api_key=key or None,
@@ -165,6 +196,58 @@ def resolve_timeout(timeout: float | tuple[float, float] | Timeout) -> Timeout:
     else:
         connect = read = timeout
     for name, value in (("connect", connect), ("read", read)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ConfigurationError(f"timeout {name} must be a positive number of seconds, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= C.MAX_TIMEOUT:
+            raise ConfigurationError(
+                f"timeout {name} must be a positive number of seconds up to {C.MAX_TIMEOUT:g} (a day), got {value!r}"
+            )
     return Timeout(connect=float(connect), read=float(read))
+
+
+def resolve_usage_log(usage_log: str | os.PathLike[str] | None) -> str | None:
+    """The usage log path (argument, else ``ANYSCALE_USAGE_LOG``), ``~`` expanded; refuse what cannot be a file."""
+    origin = "usage_log"
+    if usage_log is None:
+        usage_log, origin = os.environ.get(C.ENV_USAGE_LOG) or None, C.ENV_USAGE_LOG
+        if usage_log is None:
+            return None
+    if not isinstance(usage_log, str | os.PathLike):
+        raise ConfigurationError(f"usage_log must be a file path (str or os.PathLike), got {type(usage_log).__name__}")
+    path = os.path.expanduser(os.fspath(usage_log))
+    if not path or "\0" in path:
+        raise ConfigurationError(f"{origin} must be a file path, got {usage_log!r}")
+    if os.path.isdir(path):
+        raise ConfigurationError(f"{origin} is a directory ({path}); give a file path such as {path}/usage.jsonl")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ConfigurationError(f"{origin} cannot be created: {parent} is a file, not a directory")
+    return path
+
+
+# RFC 9110 field names; values are visible ASCII, space and tab (no CR/LF: no header injection).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+# Headers that frame the HTTP message: the transport sets them, a user value would corrupt it.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection"})
+
+
+def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Extra headers as a plain dict, refused (without quoting values, which may be secret) when unsendable."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(f"headers must be a dict of header name to value, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ConfigurationError(f"headers: {name!r} is not a valid header name")
+        if name.lower() in _FRAMING_HEADERS:
+            raise ConfigurationError(f"headers: {name} is set by the HTTP client and cannot be overridden")
+        if not isinstance(value, str):
+            raise ConfigurationError(f"headers[{name!r}] must be a string, got {type(value).__name__}")
+        if not _HEADER_VALUE.match(value):
+            raise ConfigurationError(
+                f"headers[{name!r}] contains a line break, a control or a non-ASCII character; header values "
+                "are single-line visible ASCII (JSON-encode structured values)"
+            )
+    return dict(headers)

@@ -12,6 +12,11 @@ ENV_BASE_URL_ALIAS = "ANYSCALE_BASE_URL"
 ENV_API_BASE_NAMES = (ENV_API_BASE, ENV_BASE_URL_ALIAS)
 ENV_API_KEY = "ANYSCALE_API_KEY"
 ENV_USAGE_LOG = "ANYSCALE_USAGE_LOG"  # a JSON-lines file that gets one record per call
+ENV_MODEL = "ANYSCALE_MODEL"  # the CLI's default model
+ENV_CACHE_DIR = "DSPY_ANYSCALE_CACHE"  # where the test servers are installed (default ~/.cache/dspy-anyscale)
+PORTKEY_API_KEY_ENV = "PORTKEY_API_KEY"
+# Secret headers a rebuilt LM (unpickled, loaded) can get back from the environment.
+SECRET_HEADER_ENV = {"x-portkey-api-key": PORTKEY_API_KEY_ENV}
 
 # --- URLs ------------------------------------------------------------------------------------
 # The public multi-tenant Endpoints API closed on 2024-08-01; the URL now answers with an HTML
@@ -21,6 +26,7 @@ BASE_URL_EXAMPLES = (
     "an Anyscale Service: https://<service>.anyscaleuserdata.com/v1",
     "a vLLM or llama.cpp server: http://host:port/v1",
 )
+PORTKEY_GATEWAY_URL = "https://api.portkey.ai/v1"
 CHAT_PATH = "/chat/completions"
 COMPLETIONS_PATH = "/completions"
 MODELS_PATH = "/models"
@@ -31,6 +37,8 @@ MODELS_PATH = "/models"
 # arrives in one piece after the whole generation, so it must cover a long completion.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 600.0
+# A longer limit is not a timeout (and overflows the socket layer's arithmetic).
+MAX_TIMEOUT = 86_400.0
 # Connections kept per host. Sized for dspy.Parallel / ThreadPoolExecutor fan-out: a pool
 # smaller than the thread count serialises requests behind a free socket.
 DEFAULT_POOL_SIZE = 64
@@ -45,9 +53,29 @@ DEFAULT_MAX_TOKENS = 1024
 # --- Diagnostics -------------------------------------------------------------------------------
 # How much of an unexpected response body an error message quotes.
 ERROR_BODY_PREVIEW_CHARS = 300
+# A key this long is random enough to be removed from text wherever it appears; a shorter one
+# only where it stands as a whole token ("x" must not turn "exist" into "e***ist").
+MIN_REDACTED_INSIDE_WORDS = 8
 LOGGER_NAME = "dspy_anyscale"
+# The provider name on every lm15 error and in DSPy's error messages.
+PROVIDER = "anyscale"
 
 # --- Request.config.extensions namespace owned by this package ---------------------------------
-# Options for our engine rather than for the server travel in Request.config.extensions under
-# this key, so they are part of DSPy's cache key and never sent on the wire.
+# Options for our engine rather than for the server (the endpoint, the cache identity) travel in
+# Request.config.extensions under this key, and in program calls under metadata[this key], so
+# they are part of DSPy's cache key; the engine takes them off before the wire.
 ENGINE_EXTENSION_KEY = "dspy_anyscale"
+# Headers that say nothing about the answer (tracing, logging): left out of the cache identity.
+NON_ROUTING_HEADERS = frozenset(
+    {
+        "x-portkey-trace-id",
+        "x-portkey-metadata",
+        "x-portkey-span-id",
+        "x-portkey-parent-span-id",
+        "x-portkey-span-name",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+    }
+)

@@ -19,35 +19,12 @@ from dspy.lm15 import Request, Response
 from . import _constants as C
 from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
 from ._observe import report_attempt
+from ._params import supported_params
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
 from ._transport import AsyncTransport, JsonReply, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
 from .usage import Attempt, UsageRecorder
-
-# Parameters DSPy adapters may send that this engine maps on the chat endpoint. /completions
-# carries the sampling knobs and logprobs, but not JSON mode or tools.
-_COMMON_PARAMS = frozenset(
-    {
-        "temperature",
-        "max_tokens",
-        "max_completion_tokens",
-        "top_p",
-        "top_k",
-        "stop",
-        "seed",
-        "frequency_penalty",
-        "presence_penalty",
-        "logit_bias",
-        "n",
-        "logprobs",
-        "top_logprobs",
-        "user",
-        "stream",
-    }
-)
-_CHAT_PARAMS = frozenset({"response_format"})
-_TOOL_PARAMS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
 
 
 class _EngineBase:
@@ -82,12 +59,7 @@ class _EngineBase:
 
     @property
     def supported_params(self) -> frozenset[str]:
-        params = set(_COMMON_PARAMS)
-        if self._chat:
-            params |= _CHAT_PARAMS
-            if self.options.supports_tools:
-                params |= _TOOL_PARAMS
-        return frozenset(params)
+        return supported_params(chat=self._chat, tools=self.options.supports_tools)
 
     def _call(self, request: Request, *, stream: bool = False) -> WireCall:
         validate_request(request)

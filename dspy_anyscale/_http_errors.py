@@ -16,9 +16,13 @@ import orjson
 from dspy import lm15
 
 from . import _constants as C
+from ._secrets import redact
+from ._text import preview
 from .errors import UnexpectedResponseError
 
-PROVIDER = "anyscale"
+__all__ = ["PROVIDER", "error_for_status", "parse_retry_after", "preview", "redact", "unexpected_body"]
+
+PROVIDER = C.PROVIDER
 
 # Phrases servers use for "prompt + max_tokens do not fit the context window":
 # vLLM / Ray Serve LLM ("maximum context length"), llama.cpp (exceed_context_size_error,
@@ -33,24 +37,6 @@ _AUTH_HINT = (
     f"Check the key: pass api_key=... to Anyscale(...) or set {C.ENV_API_KEY} (an Anyscale Service's bearer "
     "token, or the --api-key your server was started with)"
 )
-_TAGS = re.compile(r"<[^>]+>")
-_SPACE = re.compile(r"\s+")
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Remove the API key from any text that might leave the package."""
-    if secret and secret in text:
-        text = text.replace(secret, "***")
-    return text
-
-
-def preview(body: bytes | str, limit: int = C.ERROR_BODY_PREVIEW_CHARS) -> str:
-    """A short, single-line quotation of a body, with HTML tags stripped."""
-    raw = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = _SPACE.sub(" ", _TAGS.sub(" ", raw)).strip() or _SPACE.sub(" ", raw).strip()
-    if not text:
-        return "(empty body)"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

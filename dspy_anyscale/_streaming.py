@@ -24,7 +24,8 @@ from dspy.lm15 import (
 )
 from requests.structures import CaseInsensitiveDict
 
-from ._http_errors import PROVIDER, error_for_status, preview
+from ._http_errors import PROVIDER, error_for_status
+from ._text import preview
 from ._sse import ServerSentEvent
 from ._wire import WireCall, chat_logprobs, completions_logprobs, finish_reason, usage_from
 from .errors import UnexpectedResponseError

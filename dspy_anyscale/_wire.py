@@ -2,8 +2,9 @@
 
 Every field of a Request is either written to the wire or refused with ``UnsupportedFeatureError``
 naming the field; nothing is dropped. Options that steer this package rather than the server
-(which endpoint to use) travel in ``Request.config.extensions["dspy_anyscale"]``, so they are part
-of DSPy's cache key, and are never sent.
+(which endpoint to use, the cache identity) travel in ``Request.config.extensions["dspy_anyscale"]``
+(or, from a program call, ``extensions["metadata"]["dspy_anyscale"]``), so they are part of DSPy's
+cache key, and are taken off here: they are never sent.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from dspy.lm15 import (
 )
 
 from . import _constants as C
-from ._http_errors import PROVIDER, preview
+from ._params import SAMPLING_FIELDS
+from ._text import preview
 from .errors import UnexpectedResponseError
+
+PROVIDER = C.PROVIDER
 
 EndpointKind = Literal["chat", "completions"]
 ResponseFormatStyle = Literal["openai", "anyscale"]
 ENDPOINT_PATHS: Mapping[EndpointKind, str] = MappingProxyType({"chat": C.CHAT_PATH, "completions": C.COMPLETIONS_PATH})
 
-# Sampling fields with the same name and meaning on both endpoints.
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
 # Body keys an extension may never set: they carry the request's structure, owned by this module
 # or by DSPy (n fan-out, streaming).
 _STRUCTURAL_KEYS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "n"})
@@ -101,6 +103,7 @@ def build_call(request: Request, options: WireOptions, *, stream: bool = False) 
     """The HTTP call that carries ``request``, or ``UnsupportedFeatureError`` for what cannot be carried."""
     extensions = dict(request.config.extensions or {})
     endpoint = _endpoint_directive(extensions.pop(C.ENGINE_EXTENSION_KEY, None), options.endpoint)
+    _take_identity_off(extensions)
     if endpoint == "chat":
         payload: dict[str, Any] = {"model": request.model, "messages": chat_messages(request, options)}
         payload.update(_chat_only_fields(request, options))
@@ -115,11 +118,14 @@ def build_call(request: Request, options: WireOptions, *, stream: bool = False) 
     return WireCall(endpoint, ENDPOINT_PATHS[endpoint], payload)
 
 
+_DIRECTIVE_KEYS = frozenset({"endpoint", "identity"})
+
+
 def _endpoint_directive(directive: Any, default: EndpointKind) -> EndpointKind:
     if directive is None:
         return default
     endpoint = directive.get("endpoint", default) if isinstance(directive, Mapping) else None
-    unknown = set(directive) - {"endpoint"} if isinstance(directive, Mapping) else set()
+    unknown = set(directive) - _DIRECTIVE_KEYS if isinstance(directive, Mapping) else set()
     if endpoint not in ENDPOINT_PATHS or unknown:
         raise unsupported(
             f'config.extensions["{C.ENGINE_EXTENSION_KEY}"] takes {{"endpoint": "chat" | "completions"}}, '
@@ -129,9 +135,20 @@ def _endpoint_directive(directive: Any, default: EndpointKind) -> EndpointKind:
     return endpoint
 
 
+def _take_identity_off(extensions: dict[str, Any]) -> None:
+    """A program call's cache identity rides in ``metadata``; the server gets the user's metadata only."""
+    metadata = extensions.get("metadata")
+    if isinstance(metadata, Mapping) and C.ENGINE_EXTENSION_KEY in metadata:
+        rest = {key: value for key, value in metadata.items() if key != C.ENGINE_EXTENSION_KEY}
+        if rest:
+            extensions["metadata"] = rest
+        else:
+            del extensions["metadata"]
+
+
 def _common_fields(config: lm15.Config) -> dict[str, Any]:
     body: dict[str, Any] = {
-        name: getattr(config, name) for name in _SAMPLING_FIELDS if getattr(config, name) is not None
+        name: getattr(config, name) for name in SAMPLING_FIELDS if getattr(config, name) is not None
     }
     if config.stop:
         body["stop"] = list(config.stop)

@@ -16,13 +16,14 @@ from typing import Any, Literal
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 
 from . import _constants as C
-from ._config import Timeout, resolve_endpoint, resolve_timeout
+from ._config import Timeout, check_headers, resolve_endpoint, resolve_timeout, resolve_usage_log
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
-from ._params import DSPY_CALL_KEYS, DSPY_GENERATION_KEYS, plan_direct_call, split_constructor_kwargs
+from ._identity import cache_identity
+from ._params import PARAMETERS, check_value, plan_direct_call, split_constructor_kwargs
+from ._secrets import is_secret_header, restore_secret_headers
 from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
 from .errors import ConfigurationError
-from .gateway import is_secret_header, restore_secret_headers
 from .hf_model import HFModel
 from .usage import UsageRecord, UsageRecorder
 
@@ -64,7 +65,7 @@ class _Settings:
 
     def portable(self) -> _Settings:
         """The settings a saved or pickled LM keeps: secret-looking header values are dropped."""
-        secret = tuple(name for name in self.headers if is_secret_header(name))
+        secret = tuple(name for name, value in self.headers.items() if is_secret_header(name, value))
         kept = {name: value for name, value in self.headers.items() if name not in secret}
         return replace(self, headers=kept, dropped_headers=self.dropped_headers + secret)
 
@@ -82,17 +83,36 @@ def _check_template(template: str | None) -> str | None:
     return template
 
 
-def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    headers = dict(headers or {})
-    for name, value in headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise ConfigurationError("headers must map header names to string values")
-    return headers
-
-
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_text(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string or None, got {type(value).__name__}")
+    return value
+
+
+def _check_model(model: Any) -> str:
+    if not isinstance(model, str) or not model.strip() or model != model.strip():
+        raise ConfigurationError(
+            f"model must be a non-empty string without surrounding spaces, e.g. 'meta-llama/Llama-2-70b-chat-hf'; "
+            f"got {model!r}"
+        )
+    return model
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -156,22 +176,17 @@ class Anyscale(HFModel):
         callbacks: list[Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(model, str) or not model.strip():
-            raise ConfigurationError("model must be a non-empty string, e.g. 'meta-llama/Llama-2-70b-chat-hf'")
-        if response_format_style not in ("openai", "anyscale"):
-            raise ConfigurationError(
-                f"response_format_style must be 'openai' or 'anyscale', got {response_format_style!r}"
-            )
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ConfigurationError(f"pool_size must be a positive integer, got {pool_size!r}")
+        _check_model(model)
         carried, extras = split_constructor_kwargs(kwargs)
+        check_value("temperature", temperature)
+        check_value("max_tokens", max_tokens)
         chat = _check_flag("use_chat_api", use_chat_api)
         options = WireOptions(
             endpoint="chat" if chat else "completions",
-            system_prompt=system_prompt,
+            system_prompt=_check_text("system_prompt", system_prompt),
             prompt_template=_check_template(prompt_template),
             extra_body=extras,
-            response_format_style=response_format_style,
+            response_format_style=_check_choice("response_format_style", response_format_style, ("openai", "anyscale")),
             supports_tools=_check_flag("supports_tools", supports_tools),
             supports_response_schema=_check_flag("supports_response_schema", supports_response_schema),
         )
@@ -179,13 +194,16 @@ class Anyscale(HFModel):
             api_base,
             resolve_timeout(timeout),
             options,
-            _check_headers(headers),
-            pool_size,
+            check_headers(headers),
+            _check_count("pool_size", pool_size, 1),
             prices=Prices.parse(prices) if prices is not None else None,
-            usage_log=os.fspath(usage_log) if usage_log else os.environ.get(C.ENV_USAGE_LOG) or None,
+            usage_log=resolve_usage_log(usage_log),
         )
-        engine, async_engine = self._connect(settings, api_key)
+        _check_count("num_retries", num_retries, 0)
+        check_value("cache", cache)
+        engine, async_engine, identity = self._connect(settings, api_key)
         self._settings = settings
+        self._identity = identity
         super().__init__(
             model,
             engine=engine,
@@ -201,10 +219,11 @@ class Anyscale(HFModel):
         plan_direct_call(self.kwargs, {})  # refuse invalid defaults now, not on the first call
 
     @staticmethod
-    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
+    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, str]:
+        """The engine pair and the cache identity, for the endpoint the settings resolve to."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
         recorder = UsageRecorder(prices=settings.prices, log_path=settings.usage_log)
-        return make_engines(
+        engine, async_engine = make_engines(
             endpoint,
             settings.timeout,
             settings.options,
@@ -212,6 +231,7 @@ class Anyscale(HFModel):
             pool_size=settings.pool_size,
             recorder=recorder,
         )
+        return engine, async_engine, cache_identity(endpoint.base_url, settings.options, settings.headers)
 
     # --- what the instance is ---------------------------------------------------------------------
 
@@ -246,7 +266,15 @@ class Anyscale(HFModel):
         return MappingProxyType(self._settings.options.extra_body)
 
     def __repr__(self) -> str:
-        return f"Anyscale(model={self.model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
+        # Safe at any stage: a traceback that captures locals may repr a half-built instance.
+        model = getattr(self, "model", None)
+        settings = getattr(self, "_settings", None)
+        if settings is None or "_engine_spec" not in vars(self):
+            return f"<Anyscale model={model!r} (not fully constructed)>"
+        return f"Anyscale(model={model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
+
+    def _cache_identity(self) -> str:
+        return self._identity
 
     @classmethod
     def models(
@@ -263,7 +291,7 @@ class Anyscale(HFModel):
         """
         from ._models import list_models
 
-        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout), _check_headers(headers))
+        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout), check_headers(headers))
 
     # --- direct calls ------------------------------------------------------------------------------
 
@@ -277,9 +305,9 @@ class Anyscale(HFModel):
         endpoint: EndpointKind = self._settings.options.endpoint
         if use_chat_api is not None:
             endpoint = "chat" if _check_flag("use_chat_api", use_chat_api) else "completions"
-        # The endpoint travels in the request, so the two endpoints never share a cache entry;
-        # the constructor's extras too, so a cached answer matches the body that produced it.
-        return {**self.extra_body, C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint}}
+        # The endpoint and the cache identity travel in the request (DSPy's cache key sees them);
+        # the engine takes them off before the wire.
+        return {C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint, "identity": self._identity}}
 
     # --- copies, saving, pickling ---------------------------------------------------------------
 
@@ -349,7 +377,7 @@ class Anyscale(HFModel):
         """True for constructor settings DSPy's copy() cannot apply: ours, and provider extras."""
         if key in _REBUILD_KEYS:
             return True
-        return key not in DSPY_GENERATION_KEYS and key not in DSPY_CALL_KEYS and not hasattr(self, key)
+        return key not in PARAMETERS and not hasattr(self, key)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -362,7 +390,7 @@ class Anyscale(HFModel):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._settings = self._settings.restored()
-        self._engine_spec, self._async_engine_spec = self._connect(self._settings, None)
+        self._engine_spec, self._async_engine_spec, self._identity = self._connect(self._settings, None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Anyscale:
         # A deep copy is a new LM on the same connection (like copy()), not a re-read of the

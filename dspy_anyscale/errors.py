@@ -7,6 +7,8 @@ Found before any network call, by this package (construction, argument checks)::
     AnyscaleError                      base class of everything raised by this package itself
     ├── ConfigurationError             bad configuration (also a ValueError and DSPy's LMConfigurationError)
     │   └── MissingConfigurationError  no base URL / API key found (also DSPy's LMNotConfiguredError)
+    ├── InvalidParameterError          a generation parameter of the wrong type or out of range (also a
+    │                                  TypeError and a ValueError, as DSPy raises for bad arguments)
     └── UnsupportedParameterError      a parameter this endpoint cannot carry (also a ValueError and
                                        DSPy's LMUnsupportedFeatureError)
 
@@ -57,6 +59,7 @@ __all__ = [
     "AnyscaleError",
     "ConfigurationError",
     "ContextWindowExceededError",
+    "InvalidParameterError",
     "LMAuthError",
     "LMBillingError",
     "LMConfigurationError",
@@ -87,6 +90,20 @@ class ConfigurationError(AnyscaleError, LMConfigurationError, ValueError):
 
 class MissingConfigurationError(ConfigurationError, LMNotConfiguredError):
     """A required setting (base URL, API key) was found nowhere; names the variable to set."""
+
+
+class InvalidParameterError(AnyscaleError, TypeError, ValueError):
+    """A generation parameter of the wrong type or value; ``parameter`` names it, ``expected`` says what it takes.
+
+    Raised before any request, wherever the parameter was given (constructor default, direct call,
+    program call). Both a TypeError and a ValueError, so ``except ValueError`` catches it as it
+    would catch DSPy's own argument errors.
+    """
+
+    def __init__(self, message: str, *, parameter: str, expected: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+        self.expected = expected
 
 
 class UnsupportedParameterError(AnyscaleError, LMUnsupportedFeatureError, ValueError):

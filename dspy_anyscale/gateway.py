@@ -1,4 +1,4 @@
-"""Gateways in front of the endpoint: Portkey's headers, and which header values are secrets.
+"""Gateways in front of the endpoint: the headers that route a request through Portkey.
 
 from dspy_anyscale import Anyscale, PORTKEY_GATEWAY_URL, portkey_headers
 
@@ -13,7 +13,6 @@ lm = Anyscale(
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,58 +20,8 @@ from typing import Any
 from . import _constants as C
 from .errors import ConfigurationError
 
-PORTKEY_GATEWAY_URL = "https://api.portkey.ai/v1"
-PORTKEY_API_KEY_ENV = "PORTKEY_API_KEY"
-
-# Secret headers a rebuilt LM (unpickled, loaded) can get back from the environment.
-SECRET_HEADER_ENV = {"x-portkey-api-key": PORTKEY_API_KEY_ENV}
-# Secret when a word of the name (split on - and _) is one of these; "x-portkey-provider" is not.
-_SECRET_WORDS = frozenset(
-    {
-        "key",
-        "apikey",
-        "token",
-        "secret",
-        "authorization",
-        "auth",
-        "password",
-        "cookie",
-        "credential",
-        "credentials",
-        "signature",
-    }
-)
-
-logger = logging.getLogger(C.LOGGER_NAME)
-
-
-def is_secret_header(name: str) -> bool:
-    """Header names whose values are never logged, saved with a program or pickled."""
-    words = name.lower().replace("_", "-").split("-")
-    return any(word in _SECRET_WORDS or word.endswith(("token", "secret", "password")) for word in words)
-
-
-def redacted_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers with secret values replaced, for display."""
-    return {name: ("***" if is_secret_header(name) else value) for name, value in headers.items()}
-
-
-def restore_secret_headers(names: tuple[str, ...]) -> dict[str, str]:
-    """Secret headers dropped when an LM was saved or pickled, read back from the environment."""
-    restored = {}
-    for name in names:
-        variable = SECRET_HEADER_ENV.get(name.lower())
-        value = os.environ.get(variable) if variable else None
-        if value:
-            restored[name] = value
-        else:
-            logger.warning(
-                "header %s was not saved with the LM because its value is secret; pass headers={%r: ...} again%s",
-                name,
-                name,
-                f" or set {variable}" if variable else "",
-            )
-    return restored
+PORTKEY_GATEWAY_URL = C.PORTKEY_GATEWAY_URL
+_PORTKEY_CACHE_MODES = ("simple", "semantic")
 
 
 def portkey_headers(
@@ -102,7 +51,8 @@ def portkey_headers(
         retry_count: Portkey's retries (DSPy retries too; prefer one of the two).
     """
     headers: dict[str, str] = {}
-    key = api_key if api_key is not None else os.environ.get(PORTKEY_API_KEY_ENV)
+    _check_arguments(locals())
+    key = api_key if api_key is not None else os.environ.get(C.PORTKEY_API_KEY_ENV)
     if key:
         headers["x-portkey-api-key"] = key
     if config is None:
@@ -126,3 +76,39 @@ def _json(value: Mapping[str, Any], what: str) -> str:
         return json.dumps(value, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"portkey_headers({what}=...) must be JSON-serialisable: {exc}") from exc
+
+
+# The type each argument takes (all optional), for an error that names the argument.
+_ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
+    "api_key": (str,),
+    "provider": (str,),
+    "virtual_key": (str,),
+    "custom_host": (str,),
+    "config": (Mapping, str),
+    "trace_id": (str,),
+    "metadata": (Mapping,),
+    "cache": (str,),
+    "retry_count": (int,),
+}
+
+
+def _check_arguments(arguments: Mapping[str, Any]) -> None:
+    for name, types in _ARGUMENT_TYPES.items():
+        value = arguments[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("a dict" if t is Mapping else f"a {t.__name__}" for t in types)
+            raise ConfigurationError(f"portkey_headers({name}=...) must be {expected}, got {type(value).__name__}")
+        empty_allowed = name == "api_key"  # "": send no Portkey key (a self-hosted gateway needs none)
+        if isinstance(value, str) and ((not value.strip() and not empty_allowed) or any(c in value for c in "\r\n\0")):
+            raise ConfigurationError(f"portkey_headers({name}=...) must be a non-empty single-line string")
+    if arguments["cache"] is not None and arguments["cache"] not in _PORTKEY_CACHE_MODES:
+        raise ConfigurationError(
+            f"portkey_headers(cache=...) must be 'simple' or 'semantic', got {arguments['cache']!r}"
+        )
+    if arguments["retry_count"] is not None and arguments["retry_count"] < 0:
+        raise ConfigurationError("portkey_headers(retry_count=...) must be a non-negative integer")
+    host = arguments["custom_host"]
+    if host is not None and not host.startswith(("http://", "https://")):
+        raise ConfigurationError(f"portkey_headers(custom_host=...) must be an http(s) URL, got {host!r}")

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any
 
 import dspy
 from dspy.lm15 import Request, Response
 
+from . import _constants as C
 from ._direct_stream import astream_text, stream_text
+from ._identity import strip_identity_metadata, with_identity_metadata
 from ._observe import observed_call
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
-from .errors import UnsupportedParameterError
+from .errors import InvalidParameterError, UnsupportedParameterError
 
 
 def choice_from(response: Response, *, logprobs: bool) -> dict[str, Any]:
@@ -79,13 +82,36 @@ def _is_program_call(prompt: Any, kwargs: Mapping[str, Any]) -> bool:
 
 def _prompt(prompt: Any) -> str:
     if not isinstance(prompt, str):
-        raise TypeError(f"pass a prompt string, messages=[...] or a dspy.lm15.Request, not {type(prompt).__name__}")
+        raise InvalidParameterError(
+            f"prompt must be a string (or pass messages=[...] or a dspy.lm15.Request), got {type(prompt).__name__}",
+            parameter="prompt",
+            expected="a string",
+        )
     return prompt
 
 
-def _sorting_options(return_sorted: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidParameterError(
+            f"{name} must be True or False, got {type(value).__name__} {value!r}", parameter=name, expected="a bool"
+        )
+    return value
+
+
+def _request_with_identity(request: Request, identity: str) -> Request:
+    """The Request with the cache identity in this package's ``config.extensions`` directive."""
+    extensions = dict(request.config.extensions or {})
+    directive = extensions.get(C.ENGINE_EXTENSION_KEY)
+    if directive is not None and not isinstance(directive, Mapping):
+        return request  # malformed: the engine refuses it with the field's name
+    extensions[C.ENGINE_EXTENSION_KEY] = {**(directive or {}), "identity": identity}
+    return replace(request, config=replace(request.config, extensions=extensions))
+
+
+def _sorting_options(only_completed: bool, return_sorted: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    _flag("only_completed", only_completed)
     # Sorting by likelihood needs the tokens' logprobs.
-    return {**kwargs, "logprobs": kwargs.get("logprobs") or True} if return_sorted else kwargs
+    return {**kwargs, "logprobs": kwargs.get("logprobs") or True} if _flag("return_sorted", return_sorted) else kwargs
 
 
 def _texts(response: Mapping[str, Any], only_completed: bool, return_sorted: bool) -> list[str]:
@@ -114,17 +140,38 @@ class HFModel(dspy.LM):
         """``lm("text")`` → ``list[str]`` (old surface); ``messages=`` or a ``Request`` → DSPy's call."""
         with self._observed():
             if _is_program_call(prompt, kwargs):
+                prompt, kwargs = self._keyed(prompt, kwargs)
                 return super().__call__(prompt, **kwargs)
-            response = self.request(_prompt(prompt), **_sorting_options(return_sorted, kwargs))
+            response = self.request(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
 
     async def acall(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
         """Async twin of :meth:`__call__`, with the same three ways in."""
         with self._observed():
             if _is_program_call(prompt, kwargs):
+                prompt, kwargs = self._keyed(prompt, kwargs)
                 return await super().acall(prompt, **kwargs)
-            response = await self._agenerate(_prompt(prompt), **_sorting_options(return_sorted, kwargs))
+            response = await self._agenerate(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
+
+    # --- cache identity ---------------------------------------------------------------------------
+
+    def _cache_identity(self) -> str | None:
+        """What besides the call decides the answer (a digest), or None. Subclasses with a server say."""
+        return None
+
+    def _keyed(self, prompt: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """A program call with the cache identity where DSPy's cache key sees it: a Request's extensions,
+        or the ``metadata`` kwarg of a messages call (the engine takes it off before the wire)."""
+        identity = self._cache_identity()
+        if identity is None:
+            return prompt, kwargs
+        if isinstance(prompt, Request):
+            return _request_with_identity(prompt, identity), kwargs
+        if isinstance(kwargs.get("request"), Request):
+            return prompt, {**kwargs, "request": _request_with_identity(kwargs["request"], identity)}
+        metadata = kwargs["metadata"] if "metadata" in kwargs else self.kwargs.get("metadata")
+        return prompt, {**kwargs, "metadata": with_identity_metadata(metadata, identity)}
 
     def request(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
         return self.basic_request(prompt, **kwargs)
@@ -181,7 +228,14 @@ class HFModel(dspy.LM):
         return observed_call(getattr(self.engine, "recorder", None), self.model)
 
     def update_history(self, entry: dict[str, Any]) -> None:
-        """DSPy's history, with ``cost`` filled in from the price table (DSPy prices no custom engine)."""
+        """DSPy's history, with ``cost`` filled in from the price table (DSPy prices no custom engine), and
+        a program call's ``metadata`` as the caller gave it (without the cache identity)."""
+        kwargs = entry.get("kwargs")
+        if isinstance(kwargs, dict) and "metadata" in kwargs:
+            metadata = strip_identity_metadata(kwargs["metadata"])
+            entry["kwargs"] = {key: value for key, value in kwargs.items() if key != "metadata"}
+            if metadata is not None:
+                entry["kwargs"]["metadata"] = metadata
         recorder = getattr(self.engine, "recorder", None)
         usage = entry.get("usage") or {}
         if entry.get("cost") is None and recorder is not None and usage:

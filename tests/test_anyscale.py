@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from dspy.lm15 import Config, Message, Request, Response
 
-from dspy_anyscale import ConfigurationError, UnsupportedParameterError
+from dspy_anyscale import ConfigurationError, InvalidParameterError, UnsupportedParameterError
 from dspy_anyscale.testing import Fault
 
 from .conftest import MODEL, SECRET
@@ -154,13 +154,13 @@ def test_provider_parameters_per_program_call_are_refused_with_the_fix(make_lm):
 )
 def test_invalid_values_are_refused_before_any_request(make_lm, stub, kwargs, match):
     lm = make_lm()
-    with pytest.raises(UnsupportedParameterError, match=match):
+    with pytest.raises(InvalidParameterError, match=match):
         lm._generate("x", **kwargs)
     assert stub.posts() == []
 
 
 def test_invalid_constructor_defaults_are_refused_at_construction(make_lm):
-    with pytest.raises(UnsupportedParameterError, match="temperature"):
+    with pytest.raises(InvalidParameterError, match="temperature"):
         make_lm(temperature=9)
 
 

@@ -315,6 +315,6 @@ def test_gateway_headers_go_on_every_request_and_secrets_stay_out_of_saved_state
     ],
 )
 def test_which_header_values_are_secret(name, secret):
-    from dspy_anyscale.gateway import is_secret_header
+    from dspy_anyscale._secrets import is_secret_header
 
     assert is_secret_header(name) is secret
