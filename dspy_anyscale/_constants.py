@@ -46,6 +46,9 @@ USER_AGENT = f"dspy-anyscale/{__version__}"
 
 # --- Generation defaults ---------------------------------------------------------------------
 DEFAULT_NUM_RETRIES = 3
+# The longest Retry-After DSPy is allowed to wait; a server asking for more fails the call at once
+# (a 429 with Retry-After: 99999 would otherwise sleep 27.7 hours).
+DEFAULT_MAX_RETRY_WAIT = 60.0
 DEFAULT_TEMPERATURE = 0.0
 # The old dspy Anyscale client sent 150, which cut ChainOfThought answers off mid-reasoning.
 DEFAULT_MAX_TOKENS = 1024

@@ -2,15 +2,22 @@
 
 DSPy owns everything around an attempt (cache, retries with backoff, ``n`` fan-out, history,
 usage, callbacks); an engine turns one ``dspy.lm15.Request`` into one ``Response`` or raises a
-``dspy.lm15`` error. The sync and async engines share the mapping; only the I/O differs.
+``dspy.lm15`` error. Inside its one attempt the engine does three things DSPy cannot:
+
+* tells the observers (usage records, tracing) what each HTTP exchange did;
+* speaks the server's JSON-mode dialect (a refusal of the OpenAI form is resent at once in the
+  Anyscale form and remembered; see :mod:`._dialects`), which is not a DSPy retry;
+* refuses to let DSPy wait longer than ``max_retry_wait`` because a server said so.
+
+The sync and async engines share all of it; only the I/O differs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractContextManager, AsyncExitStack, ExitStack
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 from dspy import lm15
 from dspy.clients.engines.base import validate_request
@@ -18,27 +25,38 @@ from dspy.lm15 import Request, Response
 
 from . import _constants as C
 from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
-from ._observe import report_attempt
+from ._dialects import MEMO, may_be_dialect_refusal
+from ._identity import cache_identity
+from ._observe import AttemptScope, Observer, attempt
 from ._params import supported_params
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
-from ._transport import AsyncTransport, JsonReply, SyncTransport
+from ._transport import AsyncTransport, JsonReply, StreamReply, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
-from .usage import Attempt, UsageRecorder
+from .errors import RetryWaitTooLongError
 
 
 class _EngineBase:
-    """What both engines share: the mapping options and the capabilities DSPy reads."""
+    """What both engines share: the mapping options, the capabilities DSPy reads, and the policies."""
 
     # DSPy reads these attributes from a custom engine to decide what adapters send.
     supports_reasoning = False
 
     def __init__(
-        self, transport: SyncTransport | AsyncTransport, options: WireOptions, recorder: UsageRecorder | None = None
+        self,
+        transport: SyncTransport | AsyncTransport,
+        options: WireOptions,
+        *,
+        observers: tuple[Observer, ...] = (),
+        headers: Mapping[str, str] | None = None,
+        max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
     ) -> None:
         self.transport = transport
         self.options = options
-        self.recorder = recorder
+        self.observers = observers
+        self.max_retry_wait = max_retry_wait
+        # What besides the call decides the answer: DSPy's cache key gets it, and the dialect memo is keyed on it.
+        self.cache_identity = cache_identity(transport.endpoint.base_url, options, headers or {})
 
     def __repr__(self) -> str:
         return (
@@ -61,15 +79,68 @@ class _EngineBase:
     def supported_params(self) -> frozenset[str]:
         return supported_params(chat=self._chat, tools=self.options.supports_tools)
 
+    # --- one attempt -----------------------------------------------------------------------------
+
     def _call(self, request: Request, *, stream: bool = False) -> WireCall:
         validate_request(request)
-        return build_call(request, self.options, stream=stream)
+        style = MEMO.style(self.cache_identity, self.options.response_format_style)
+        return build_call(request, self.options, stream=stream, style=style)
 
     def _url(self, call: WireCall) -> str:
         return self.transport.endpoint.url(call.path)
 
-    def _parse(self, reply: JsonReply, call: WireCall, request: Request) -> Response:
-        return parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+    def _observed(self, call: WireCall, request: Request, *, stream: bool = False) -> AbstractContextManager[Any]:
+        return attempt(self.observers, endpoint=call.endpoint, model=request.model, url=self._url(call), stream=stream)
+
+    def _resend_for(self, call: WireCall, request: Request, error: lm15.LM15Error) -> WireCall:
+        """The same call in the Anyscale JSON-mode form, when ``error`` is the server refusing the OpenAI
+        form and the style is ``auto``; else the error, as DSPy should see it."""
+        if self.options.response_format_style == "auto" and may_be_dialect_refusal(call, error):
+            return build_call(request, self.options, stream=bool(call.payload.get("stream")), style="anyscale")
+        self._raise(error)
+
+    def _learned(self, call: WireCall, refusal: lm15.LM15Error) -> None:
+        MEMO.learn(self.cache_identity, "anyscale", self._url(call), refusal)
+
+    def _raise(self, error: lm15.LM15Error) -> NoReturn:
+        """Raise ``error``, unless it asks DSPy to wait longer than ``max_retry_wait``: then fail at once."""
+        waits = isinstance(error, lm15.RateLimitError | lm15.ServerError) and error.retry_after is not None
+        if waits and error.retry_after > self.max_retry_wait:
+            raise RetryWaitTooLongError(error, limit=self.max_retry_wait) from error
+        raise error
+
+    def _answered(self, scope: AttemptScope | None, reply: JsonReply, call: WireCall, request: Request) -> Response:
+        if scope is not None:
+            scope.replied(reply.status, reply.request_id)
+        response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        if scope is not None:
+            usage = response.usage
+            scope.succeeded(usage.input_tokens, usage.output_tokens, response.model, response.finish_reason)
+        return response
+
+    def _translator(self, call: WireCall, request: Request) -> StreamTranslator:
+        return StreamTranslator(call, request, url=self._url(call), secret=self.transport._secret)
+
+    @staticmethod
+    def _stream_opened(scope: AttemptScope | None, reply: StreamReply) -> None:
+        if scope is not None:
+            scope.replied(reply.status, reply.request_id)
+
+    @staticmethod
+    def _events(scope: AttemptScope | None, events: list[Any]) -> list[Any]:
+        if events and scope is not None:
+            scope.first_token()
+        return events
+
+    @staticmethod
+    def _ended(scope: AttemptScope | None, end: list[Any]) -> list[Any]:
+        if scope is not None:
+            final = end[-1]
+            usage = final.usage or lm15.Usage()
+            scope.succeeded(usage.input_tokens, usage.output_tokens, None, final.finish_reason)
+        return end
+
+    # --- saving ----------------------------------------------------------------------------------
 
     def dump_state(self) -> dict[str, Any]:
         """Reconstruction state for DSPy's save of custom engines: no key, no header values."""
@@ -92,61 +163,6 @@ class _EngineBase:
         return cls(transport, WireOptions(**state["options"]))
 
 
-class _AttemptClock:
-    """Times one attempt (and its first token) and reports it to the usage recorder."""
-
-    def __init__(self, engine: _EngineBase, call: WireCall, request: Request, *, stream: bool = False) -> None:
-        self._recorder = engine.recorder
-        self._call = call
-        self._model = request.model
-        self._stream = stream
-        self._started = time.perf_counter()
-        self.ttft: float | None = None
-        self.request_id: str | None = None
-        self._reported = False
-
-    def __enter__(self) -> _AttemptClock:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and not self._reported:  # a failed attempt (or a stream closed early)
-            self._report(False, type(exc).__name__, None, None)
-
-    def timed(self, events: list[Any]) -> list[Any]:
-        """Stream events as they arrive; the first one stops the time-to-first-token clock."""
-        if events and self.ttft is None:
-            self.ttft = time.perf_counter() - self._started
-        return events
-
-    def succeeded(self, response: Response) -> Response:
-        self._report(True, None, response.usage.input_tokens, response.usage.output_tokens)
-        return response
-
-    def finished(self, end: list[Any]) -> list[Any]:
-        """A stream's final events (its usage is on the end event)."""
-        usage = end[-1].usage or lm15.Usage()
-        self._report(True, None, usage.input_tokens, usage.output_tokens)
-        return end
-
-    def _report(self, ok: bool, error: str | None, prompt: int | None, completion: int | None) -> None:
-        self._reported = True
-        report_attempt(
-            self._recorder,
-            Attempt(
-                endpoint=self._call.endpoint,
-                model=self._model,
-                ok=ok,
-                error=error,
-                latency_s=time.perf_counter() - self._started,
-                ttft_s=self.ttft,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                request_id=self.request_id,
-                stream=self._stream,
-            ),
-        )
-
-
 class AnyscaleEngine(_EngineBase):
     """Synchronous engine: ``complete`` and ``stream`` over a pooled ``requests`` adapter."""
 
@@ -154,51 +170,95 @@ class AnyscaleEngine(_EngineBase):
 
     def complete(self, request: Request) -> Response:
         call = self._call(request)
-        with _AttemptClock(self, call, request) as clock:
-            reply = self.transport.request_json("POST", call.path, call.payload)
-            clock.request_id = reply.request_id
-            return clock.succeeded(self._parse(reply, call, request))
+        with self._observed(call, request) as scope:
+            try:
+                reply = self.transport.request_json("POST", call.path, call.payload)
+            except lm15.LM15Error as refusal:
+                resend = self._resend_for(call, request, refusal)
+                reply, call = self._send_or_raise(resend), resend
+                self._learned(call, refusal)
+            return self._answered(scope, reply, call, request)
+
+    def _send_or_raise(self, call: WireCall) -> JsonReply:
+        try:
+            return self.transport.request_json("POST", call.path, call.payload)
+        except lm15.LM15Error as error:
+            self._raise(error)
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self._call(request, stream=True)
-        translator = StreamTranslator(call, request, url=self._url(call))
-        with _AttemptClock(self, call, request, stream=True) as clock:
-            with self.transport.stream(call.path, call.payload) as reply, translator.interruptions():
-                clock.request_id = reply.request_id
+        with self._observed(call, request, stream=True) as scope, ExitStack() as stack:
+            try:
+                reply = stack.enter_context(self.transport.stream(call.path, call.payload))
+            except lm15.LM15Error as refusal:
+                call = self._resend_for(call, request, refusal)
+                reply = self._open_or_raise(stack, call)
+                self._learned(call, refusal)
+            self._stream_opened(scope, reply)
+            translator = self._translator(call, request)
+            with translator.interruptions():
                 for event in iter_sse(reply.chunks):
-                    yield from clock.timed(translator.feed(event))
-            end = clock.finished(translator.finish())
+                    yield from self._events(scope, translator.feed(event))
+            end = self._ended(scope, translator.finish())
         yield from end
+
+    def _open_or_raise(self, stack: ExitStack, call: WireCall) -> StreamReply:
+        try:
+            return stack.enter_context(self.transport.stream(call.path, call.payload))
+        except lm15.LM15Error as error:
+            self._raise(error)
 
     def close(self) -> None:
         self.transport.close()
 
 
 class AsyncAnyscaleEngine(_EngineBase):
-    """Async engine on httpx: awaits I/O on the caller's event loop, no thread pool."""
+    """Async engine: awaits I/O on the caller's event loop, no thread pool."""
 
     transport: AsyncTransport
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
-        with _AttemptClock(self, call, request) as clock:
-            reply = await self.transport.request_json("POST", call.path, call.payload)
-            clock.request_id = reply.request_id
-            return clock.succeeded(self._parse(reply, call, request))
+        with self._observed(call, request) as scope:
+            try:
+                reply = await self.transport.request_json("POST", call.path, call.payload)
+            except lm15.LM15Error as refusal:
+                resend = self._resend_for(call, request, refusal)
+                reply, call = await self._send_or_raise(resend), resend
+                self._learned(call, refusal)
+            return self._answered(scope, reply, call, request)
+
+    async def _send_or_raise(self, call: WireCall) -> JsonReply:
+        try:
+            return await self.transport.request_json("POST", call.path, call.payload)
+        except lm15.LM15Error as error:
+            self._raise(error)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self._call(request, stream=True)
-        translator = StreamTranslator(call, request, url=self._url(call))
-        with _AttemptClock(self, call, request, stream=True) as clock:
-            async with self.transport.stream(call.path, call.payload) as reply:
-                clock.request_id = reply.request_id
+        with self._observed(call, request, stream=True) as scope:
+            async with AsyncExitStack() as stack:
+                try:
+                    reply = await stack.enter_async_context(self.transport.stream(call.path, call.payload))
+                except lm15.LM15Error as refusal:
+                    call = self._resend_for(call, request, refusal)
+                    reply = await self._open_or_raise(stack, call)
+                    self._learned(call, refusal)
+                self._stream_opened(scope, reply)
+                translator = self._translator(call, request)
                 with translator.interruptions():
                     async for event in aiter_sse(reply.chunks):
-                        for item in clock.timed(translator.feed(event)):
+                        for item in self._events(scope, translator.feed(event)):
                             yield item
-            end = clock.finished(translator.finish())
+                end = self._ended(scope, translator.finish())
         for item in end:
             yield item
+
+    async def _open_or_raise(self, stack: AsyncExitStack, call: WireCall) -> StreamReply:
+        try:
+            return await stack.enter_async_context(self.transport.stream(call.path, call.payload))
+        except lm15.LM15Error as error:
+            self._raise(error)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -211,11 +271,13 @@ def make_engines(
     *,
     headers: Mapping[str, str] | None = None,
     pool_size: int = C.DEFAULT_POOL_SIZE,
-    recorder: UsageRecorder | None = None,
+    observers: tuple[Observer, ...] = (),
+    max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
 ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
-    """The sync/async engine pair for one endpoint, each with its own connection pool, one recorder."""
-    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, recorder)
+    """The sync/async engine pair for one endpoint, each with its own connection pool, sharing observers."""
+    shared = {"observers": observers, "headers": headers, "max_retry_wait": max_retry_wait}
+    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, **shared)
     async_ = AsyncAnyscaleEngine(
-        AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, recorder
+        AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, **shared
     )
     return sync, async_

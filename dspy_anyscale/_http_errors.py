@@ -40,31 +40,38 @@ _AUTH_HINT = (
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    millis = _finite(headers.get("retry-after-ms"))
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
+
+    None when there is no usable hint; ``math.inf`` for a wait too large to represent ("inf", "1e400",
+    an HTTP date centuries ahead), which the engine refuses to wait like any wait above its cap.
+    """
+    millis = _seconds(headers.get("retry-after-ms"))
     if millis is not None:
         return millis / 1000.0
     value = headers.get("retry-after")
-    seconds = _finite(value)
+    seconds = _seconds(value)
     if seconds is not None or value is None:
         return seconds
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def _finite(value: object) -> float | None:
+def _seconds(value: object) -> float | None:
+    """A non-negative number of seconds; ``inf`` for an infinite or overflowing one; None for anything else."""
     if value is None:
         return None
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return number if math.isfinite(number) and number >= 0 else None
+    if math.isnan(number) or number < 0:
+        return None
+    return number if math.isfinite(number) else math.inf
 
 
 def error_detail(body: bytes) -> tuple[str, str | None]:
@@ -103,6 +110,25 @@ def _fastapi_item(item: object) -> str:
     return str(item)
 
 
+# Pydantic's summary line ("1 validation error for CreateChatCompletionRequest") and FastAPI's
+# per-field list ({"detail": [{"loc": ["body", ...], ...}]}).
+# A name without "Request" (a response model) is the server failing on its own output: a real 5xx.
+_PYDANTIC_SUMMARY = re.compile(r"\b\d+ validation errors? for \w*Request\w*")
+_VALIDATION_HINT = " (the server could not validate the request body: not retried)"
+
+
+def is_request_validation_error(body: bytes) -> bool:
+    """True when an error body says the request body failed validation (FastAPI / pydantic)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return bool(_PYDANTIC_SUMMARY.search(body.decode("utf-8", "replace")))
+    if isinstance(data, dict) and isinstance(data.get("detail"), list):
+        return any(isinstance(item, dict) and (item.get("loc") or [None])[0] == "body" for item in data["detail"])
+    message, _ = error_detail(body)
+    return bool(_PYDANTIC_SUMMARY.search(message))
+
+
 def error_for_status(
     status: int,
     body: bytes,
@@ -125,6 +151,10 @@ def error_for_status(
         return lm15.RateLimitError(text, retry_after=parse_retry_after(headers), **common)
     if status in (408, 504):
         return lm15.TimeoutError(text, **common)
+    if 500 <= status <= 599 and is_request_validation_error(body):
+        # llama-cpp-python (FastAPI) answers a body it cannot validate with 500: the request is at fault,
+        # and sending it again cannot help.
+        return lm15.InvalidRequestError(text + _VALIDATION_HINT, **common)
     if 500 <= status <= 599:
         return lm15.ServerError(text, retry_after=parse_retry_after(headers), **common)
     if status == 404 and _UNKNOWN_MODEL_PATTERNS.search(message):

@@ -1,49 +1,256 @@
-"""Connecting engine attempts to the user's call, through a context variable.
+"""Joining the engine's HTTP attempts to the user's call, and telling the observers (usage, tracing).
 
-A public entry point (``lm(...)``, ``lm.acall``, ``lm.stream``) opens a call; every attempt the
-engine makes inside it (retries, ``n`` candidates, in threads or tasks that inherit the
-context) is added to it; when the call ends, its recorder turns it into one UsageRecord. An
-attempt made with no call open (DSPy reaching the engine by another path) is its own call.
+A public entry point (``lm(...)``, ``lm.acall``, ``lm.stream``) opens a :class:`Call`; every attempt
+the engine makes inside it (DSPy's retries, ``n`` candidates, in threads or tasks that inherit the
+context) is reported to it; when the call ends, every observer hears of it. An attempt made with
+no call open (DSPy reaching the engine by another path) is a call of its own.
+
+Observers are bookkeeping. One that raises is logged and skipped: it never fails the call, whose
+answer the server has already sent (and may have been paid for).
+
+A stream is a generator, which can be abandoned between two chunks and closed later from another
+context. So a stream never sets the context variable in its consumer's context: it opens its call
+with :func:`open_call`, sets it only inside the task that runs the request (:func:`within`), and
+closes it with :func:`finish_call`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from .usage import Attempt, CallStats, UsageRecorder
+from . import _constants as C
 
-_current: ContextVar[CallStats | None] = ContextVar("dspy_anyscale_call", default=None)
+logger = logging.getLogger(C.LOGGER_NAME)
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """What is known when an HTTP attempt begins."""
+
+    endpoint: str  # "chat" or "completions"
+    model: str  # the request's model
+    url: str
+    stream: bool
+    started: float  # time.perf_counter()
+    number: int  # 0 for the call's first attempt, then 1, 2, ... (retries and candidates)
+    waited_s: float | None  # time since the call's previous attempt ended (DSPy's backoff), None for the first
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One HTTP exchange as the engine saw it, when it is over."""
+
+    start: AttemptStart
+    ok: bool
+    latency_s: float
+    error: str | None = None  # the lm15 error class name (or "cancelled")
+    status: int | None = None  # the HTTP status, when one came back
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None  # None: the server did not say
+    completion_tokens: int | None = None
+    request_id: str | None = None
+    response_model: str | None = None
+    finish_reason: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.start.endpoint
+
+    @property
+    def model(self) -> str:
+        return self.start.model
+
+    @property
+    def stream(self) -> bool:
+        return self.start.stream
+
+
+class Observer:
+    """Hooks around one call and its attempts. All are no-ops here; each must be quick."""
+
+    def call_started(self, call: Call) -> None:
+        """A public call began (before any attempt)."""
+
+    def attempt_started(self, call: Call, attempt: AttemptStart) -> None:
+        """An HTTP attempt of ``call`` is about to be sent."""
+
+    def attempt_finished(self, call: Call, attempt: Attempt) -> None:
+        """An HTTP attempt of ``call`` is over (answered, failed, or its stream was closed)."""
+
+    def call_finished(self, call: Call, error: BaseException | None) -> None:
+        """The call is over; ``error`` is what it raised (``GeneratorExit`` for a stream closed early)."""
+
+
+@dataclass(eq=False)
+class Call:
+    """One public call in progress: its attempts so far, and a slot per observer for its own state."""
+
+    model: str
+    observers: tuple[Observer, ...]
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+    state: dict[int, Any] = field(default_factory=dict)  # id(observer) -> what that observer keeps
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _last_end: float | None = None
+    _started_attempts: int = 0
+
+    def _begin(self, start: float) -> tuple[int, float | None]:
+        with self._lock:  # candidates of one call may run concurrently
+            number = self._started_attempts
+            self._started_attempts += 1
+            return number, (start - self._last_end) if self._last_end is not None else None
+
+    def _add(self, attempt: Attempt) -> None:
+        with self._lock:
+            self.attempts.append(attempt)
+            self._last_end = attempt.start.started + attempt.latency_s
+
+
+_current: ContextVar[Call | None] = ContextVar("dspy_anyscale_call", default=None)
+
+
+def _notify(observers: tuple[Observer, ...], hook: str, *args: Any) -> None:
+    for observer in observers:
+        try:
+            getattr(observer, hook)(*args)
+        except Exception:  # bookkeeping never costs the caller an answer
+            logger.warning("%s.%s failed; the call goes on", type(observer).__name__, hook, exc_info=True)
+
+
+# --- calls -------------------------------------------------------------------------------------
+
+
+def open_call(observers: tuple[Observer, ...], model: str) -> Call | None:
+    """A new call, or None when there is nothing to observe or a call is open already (nested entry points)."""
+    if not observers or _current.get() is not None:
+        return None
+    call = Call(model, observers)
+    _notify(observers, "call_started", call)
+    return call
+
+
+def finish_call(call: Call | None, error: BaseException | None = None) -> None:
+    if call is not None:
+        _notify(call.observers, "call_finished", call, error)
 
 
 @contextmanager
-def observed_call(recorder: UsageRecorder | None, model: str) -> Iterator[CallStats | None]:
-    """Open a call unless one is open already (nested entry points are one call)."""
-    if recorder is None or _current.get() is not None:
-        yield None
+def within(call: Call | None) -> Iterator[None]:
+    """Make ``call`` the current call for the attempts made inside (in this context only)."""
+    if call is None:
+        yield
         return
-    stats = CallStats()
-    token = _current.set(stats)
+    token = _current.set(call)
     try:
-        yield stats
-    except BaseException as exc:
-        recorder.finish(model, stats, exc)
-        raise
-    else:
-        recorder.finish(model, stats)
+        yield
     finally:
         _current.reset(token)
 
 
-def report_attempt(recorder: UsageRecorder | None, attempt: Attempt) -> None:
-    if recorder is None:
+@contextmanager
+def observed_call(observers: tuple[Observer, ...], model: str) -> Iterator[Call | None]:
+    """Open, make current and finish a call around a non-generator entry point."""
+    call = open_call(observers, model)
+    if call is None:
+        yield None
         return
-    stats = _current.get()
-    if stats is not None:
-        stats.add(attempt)
+    try:
+        with within(call):
+            yield call
+    except BaseException as exc:
+        finish_call(call, exc)
+        raise
+    finish_call(call, None)
+
+
+# --- attempts ----------------------------------------------------------------------------------
+
+
+class AttemptScope:
+    """The engine's handle on one attempt: what came back, told to the observers when it ends."""
+
+    __slots__ = ("_call", "_fields", "_own_call", "_start", "ttft_s")
+
+    def __init__(self, call: Call, start: AttemptStart, own_call: bool) -> None:
+        self._call = call
+        self._start = start
+        self._own_call = own_call
+        self._fields: dict[str, Any] = {}
+        self.ttft_s: float | None = None
+
+    def replied(self, status: int, request_id: str | None) -> None:
+        self._fields.update(status=status, request_id=request_id)
+
+    def first_token(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self._start.started
+
+    def succeeded(self, prompt_tokens: Any, completion_tokens: Any, response_model: str | None, finish: str | None):
+        self._fields.update(
+            ok=True,
+            prompt_tokens=_count(prompt_tokens),
+            completion_tokens=_count(completion_tokens),
+            response_model=response_model,
+            finish_reason=finish,
+        )
+
+    def _finish(self, error: BaseException | None) -> None:
+        fields = self._fields
+        if error is not None and not fields.get("ok"):
+            fields["ok"] = False
+            fields["error"] = _error_name(error)
+            fields.setdefault("status", getattr(error, "status", None))
+        attempt = Attempt(
+            start=self._start,
+            latency_s=time.perf_counter() - self._start.started,
+            ttft_s=self.ttft_s,
+            **{"ok": False, **fields},
+        )
+        self._call._add(attempt)
+        _notify(self._call.observers, "attempt_finished", self._call, attempt)
+        if self._own_call:
+            finish_call(self._call, None if attempt.ok else error)
+
+
+def _count(value: Any) -> int | None:
+    """A token count as the server sent it, or None when it is missing or nonsense (a string, negative)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _error_name(error: BaseException) -> str:
+    if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
+        return "cancelled"
+    return type(error).__name__
+
+
+@contextmanager
+def attempt(
+    observers: tuple[Observer, ...], *, endpoint: str, model: str, url: str, stream: bool = False
+) -> Iterator[AttemptScope | None]:
+    """Observe one HTTP attempt: inside the current call, or as a call of its own."""
+    if not observers:
+        yield None
         return
-    single = CallStats(started=time.perf_counter() - attempt.latency_s)
-    single.add(attempt)
-    recorder.finish(attempt.model, single)
+    call, own = _current.get(), False
+    if call is None:
+        call, own = Call(model, observers), True
+        _notify(observers, "call_started", call)
+    started = time.perf_counter()
+    number, waited = call._begin(started)
+    start = AttemptStart(endpoint, model, url, stream, started, number, waited)
+    _notify(observers, "attempt_started", call, start)
+    scope = AttemptScope(call, start, own)
+    try:
+        yield scope
+    except BaseException as exc:
+        scope._finish(exc)
+        raise
+    scope._finish(None)

@@ -25,8 +25,9 @@ from dspy.lm15 import (
 from requests.structures import CaseInsensitiveDict
 
 from ._http_errors import PROVIDER, error_for_status
-from ._text import preview
+from ._secrets import redact
 from ._sse import ServerSentEvent
+from ._text import preview
 from ._wire import WireCall, chat_logprobs, completions_logprobs, finish_reason, usage_from
 from .errors import UnexpectedResponseError
 
@@ -36,7 +37,8 @@ _DONE = "[DONE]"
 class StreamTranslator:
     """Stateful translation of one streamed response. ``feed`` each SSE event, then ``finish``."""
 
-    def __init__(self, call: WireCall, request: Request, *, url: str) -> None:
+    def __init__(self, call: WireCall, request: Request, *, url: str, secret: Any = None) -> None:
+        self._secret = secret  # a server may quote the request's Authorization in an error event
         self._chat = call.endpoint == "chat"
         self._model = request.model
         self._url = url
@@ -98,11 +100,13 @@ class StreamTranslator:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise UnexpectedResponseError(
-                f"A stream event from POST {self._url} is not JSON: {preview(data)}", provider=PROVIDER
+                redact(f"A stream event from POST {self._url} is not JSON: {preview(data)}", self._secret),
+                provider=PROVIDER,
             ) from None
         if not isinstance(chunk, dict):
             raise UnexpectedResponseError(
-                f"A stream event from POST {self._url} is not a JSON object: {preview(data)}", provider=PROVIDER
+                redact(f"A stream event from POST {self._url} is not a JSON object: {preview(data)}", self._secret),
+                provider=PROVIDER,
             )
         if "error" in chunk:
             raise self._error(chunk)
@@ -112,7 +116,7 @@ class StreamTranslator:
         error = chunk["error"]
         code = error.get("code") if isinstance(error, Mapping) else None
         status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-        return error_for_status(status, orjson.dumps(chunk), CaseInsensitiveDict(), url=self._url, secret=None)
+        return error_for_status(status, orjson.dumps(chunk), CaseInsensitiveDict(), url=self._url, secret=self._secret)
 
     def _index(self, *key: Any) -> int:
         return self._parts.setdefault(key, len(self._parts))

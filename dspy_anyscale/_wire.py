@@ -42,6 +42,8 @@ PROVIDER = C.PROVIDER
 
 EndpointKind = Literal["chat", "completions"]
 ResponseFormatStyle = Literal["openai", "anyscale"]
+# "auto": the OpenAI form until the server refuses it (see _dialects).
+ConfiguredStyle = Literal["auto", "openai", "anyscale"]
 ENDPOINT_PATHS: Mapping[EndpointKind, str] = MappingProxyType({"chat": C.CHAT_PATH, "completions": C.COMPLETIONS_PATH})
 
 # Body keys an extension may never set: they carry the request's structure, owned by this module
@@ -74,7 +76,7 @@ class WireOptions:
     prompt_template: str | None = None
     # Provider-specific body keys given to the constructor (repetition_penalty, min_p, ...).
     extra_body: Mapping[str, Any] = field(default_factory=dict)
-    response_format_style: ResponseFormatStyle = "openai"
+    response_format_style: ConfiguredStyle = "auto"
     supports_tools: bool = True
     supports_response_schema: bool = True
 
@@ -99,14 +101,20 @@ def unsupported(message: str, feature: str) -> lm15.UnsupportedFeatureError:
 # --- Request → wire ----------------------------------------------------------------------------
 
 
-def build_call(request: Request, options: WireOptions, *, stream: bool = False) -> WireCall:
-    """The HTTP call that carries ``request``, or ``UnsupportedFeatureError`` for what cannot be carried."""
+def build_call(
+    request: Request, options: WireOptions, *, stream: bool = False, style: ResponseFormatStyle = "openai"
+) -> WireCall:
+    """The HTTP call that carries ``request``, or ``UnsupportedFeatureError`` for what cannot be carried.
+
+    ``style`` is the JSON-mode spelling to send (the engine decides it from the configured style and
+    what the server is known to take).
+    """
     extensions = dict(request.config.extensions or {})
     endpoint = _endpoint_directive(extensions.pop(C.ENGINE_EXTENSION_KEY, None), options.endpoint)
     _take_identity_off(extensions)
     if endpoint == "chat":
         payload: dict[str, Any] = {"model": request.model, "messages": chat_messages(request, options)}
-        payload.update(_chat_only_fields(request, options))
+        payload.update(_chat_only_fields(request, options, style))
     else:
         payload = {"model": request.model, "prompt": completions_prompt(request, options)}
         payload.update(_completions_only_fields(request))
@@ -165,7 +173,7 @@ def _common_fields(config: lm15.Config) -> dict[str, Any]:
     return body
 
 
-def _chat_only_fields(request: Request, options: WireOptions) -> dict[str, Any]:
+def _chat_only_fields(request: Request, options: WireOptions, style: ResponseFormatStyle) -> dict[str, Any]:
     config = request.config
     body: dict[str, Any] = {}
     if config.logprobs is not None:
@@ -173,7 +181,7 @@ def _chat_only_fields(request: Request, options: WireOptions) -> dict[str, Any]:
         if config.logprobs > 0:
             body["top_logprobs"] = config.logprobs
     if config.response_format is not None:
-        body["response_format"] = _response_format(config.response_format, options)
+        body["response_format"] = _response_format(config.response_format, options, style)
     if request.tools:
         body["tools"] = [_tool(tool, index, options) for index, tool in enumerate(request.tools)]
     if config.tool_choice is not None:
@@ -207,7 +215,7 @@ def _completions_only_fields(request: Request) -> dict[str, Any]:
     return {"logprobs": config.logprobs} if config.logprobs is not None else {}
 
 
-def _response_format(spec: Mapping[str, Any], options: WireOptions) -> dict[str, Any]:
+def _response_format(spec: Mapping[str, Any], options: WireOptions, style: ResponseFormatStyle) -> dict[str, Any]:
     if spec["type"] == "json_object":
         return {"type": "json_object"}
     if not options.supports_response_schema:
@@ -215,7 +223,7 @@ def _response_format(spec: Mapping[str, Any], options: WireOptions) -> dict[str,
             "config.response_format json_schema: this Anyscale instance was built with supports_response_schema=False",
             "config.response_format",
         )
-    if options.response_format_style == "anyscale":
+    if style == "anyscale":
         # Anyscale Endpoints' own spelling: JSON mode constrained by a schema.
         return {"type": "json_object", "schema": spec["schema"]}
     schema: dict[str, Any] = {"name": spec.get("name") or "response", "schema": spec["schema"]}
@@ -417,15 +425,22 @@ def finish_reason(raw: Any) -> str:
     return _FINISH_REASONS.get(str(raw), "stop") if raw else "stop"
 
 
+def _token_count(value: Any) -> int | None:
+    """A count as servers send it; a string, a negative or a fraction is not one (unknown, not an error)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def usage_from(data: Mapping[str, Any] | None) -> Usage:
+    """The usage block of an answer; what is missing or malformed is unknown, and never fails the answer."""
     if not isinstance(data, Mapping):
         return Usage()
-    cached = (data.get("prompt_tokens_details") or {}).get("cached_tokens")
+    details = data.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
     return Usage(
-        input_tokens=data.get("prompt_tokens"),
-        output_tokens=data.get("completion_tokens"),
-        total_tokens=data.get("total_tokens"),
-        cache_read_tokens=cached,
+        input_tokens=_token_count(data.get("prompt_tokens")),
+        output_tokens=_token_count(data.get("completion_tokens")),
+        total_tokens=_token_count(data.get("total_tokens")),
+        cache_read_tokens=_token_count(cached),
     )
 
 
@@ -458,8 +473,15 @@ def _content_parts(content: Any) -> list[TextPart]:
         return []
     if isinstance(content, str):
         return [TextPart(content)]
-    if isinstance(content, list):  # content blocks; servers answer with text blocks only
-        return [TextPart(str(block.get("text", ""))) for block in content if isinstance(block, Mapping)]
+    if isinstance(content, list):
+        # Text blocks are one text, joined as they are (lm15 would put a newline between two parts).
+        texts = []
+        for index, block in enumerate(content):
+            if not isinstance(block, Mapping) or block.get("type", "text") != "text":
+                kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+                raise ValueError(f"message.content[{index}] is a {kind!r} block; only text blocks are read")
+            texts.append(str(block.get("text", "")))
+        return [TextPart("".join(texts))] if any(texts) else []
     raise ValueError(f"message.content is a {type(content).__name__}")
 
 

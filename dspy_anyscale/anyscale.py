@@ -18,7 +18,7 @@ from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 from . import _constants as C
 from ._config import Timeout, check_headers, resolve_endpoint, resolve_timeout, resolve_usage_log
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
-from ._identity import cache_identity
+from ._observe import Observer
 from ._params import PARAMETERS, check_value, plan_direct_call, split_constructor_kwargs
 from ._secrets import is_secret_header, restore_secret_headers
 from ._wire import EndpointKind, WireOptions
@@ -43,6 +43,7 @@ _REBUILD_KEYS = frozenset(
         "pool_size",
         "prices",
         "usage_log",
+        "max_retry_wait",
     }
 )
 # In saved state: names of headers whose secret values were not saved (restored from the environment).
@@ -60,6 +61,7 @@ class _Settings:
     pool_size: int = C.DEFAULT_POOL_SIZE
     prices: Prices | None = None
     usage_log: str | None = None
+    max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT
     # Names of secret headers left out of a saved or pickled copy, to be read back from the environment.
     dropped_headers: tuple[str, ...] = ()
 
@@ -110,6 +112,15 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
     return value
 
 
+_STYLES = ("auto", "openai", "anyscale")
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= C.MAX_TIMEOUT:
+        raise ConfigurationError(f"{name} must be a number of seconds from 0 to {C.MAX_TIMEOUT:g}, got {value!r}")
+    return float(value)
+
+
 def _check_count(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -137,9 +148,11 @@ class Anyscale(HFModel):
             message DSPy's adapters send into one (Anyscale refuses a second system message);
             on ``/completions`` it is the first block of the prompt.
         prompt_template: wraps every ``/completions`` prompt, e.g. ``"[INST]{prompt}[/INST]"``.
-        response_format_style: ``"openai"`` sends ``{"type": "json_schema", "json_schema": ...}``
-            (vLLM, Ray Serve LLM, llama.cpp); ``"anyscale"`` sends Anyscale Endpoints' own
-            ``{"type": "json_object", "schema": ...}``.
+        response_format_style: ``"auto"`` (default) sends OpenAI's ``{"type": "json_schema",
+            "json_schema": ...}`` (vLLM, Ray Serve LLM, llama.cpp) and, when a server refuses it,
+            resends at once in Anyscale's ``{"type": "json_object", "schema": ...}`` (llama-cpp-python,
+            Anyscale Endpoints) and remembers that for the server; ``"openai"`` / ``"anyscale"``
+            force one form.
         supports_tools / supports_response_schema: declare ``False`` for servers or models without
             tool calling / schema-constrained JSON; DSPy's adapters then do not ask for them.
         headers: extra HTTP headers on every request (e.g. ``portkey_headers(...)`` for a gateway).
@@ -147,6 +160,8 @@ class Anyscale(HFModel):
         prices: ``{"input": ..., "output": ...}`` in USD per million tokens, for the cost of each
             call; default: the legacy Anyscale catalogue (``model_info``), else unknown.
         usage_log: a JSON-lines file that gets one usage record per call; else ``ANYSCALE_USAGE_LOG``.
+        max_retry_wait: the longest ``Retry-After`` (seconds) DSPy may wait before a retry; a 429 or 5xx
+            asking for more fails the call at once (``LMRateLimitError`` / ``LMServerError``).
         temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
         **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
             DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
@@ -163,13 +178,14 @@ class Anyscale(HFModel):
         *,
         system_prompt: str | None = None,
         prompt_template: str | None = None,
-        response_format_style: Literal["openai", "anyscale"] = "openai",
+        response_format_style: Literal["auto", "openai", "anyscale"] = "auto",
         supports_tools: bool = True,
         supports_response_schema: bool = True,
         headers: Mapping[str, str] | None = None,
         pool_size: int = C.DEFAULT_POOL_SIZE,
         prices: Mapping[str, float] | Prices | None = None,
         usage_log: str | os.PathLike[str] | None = None,
+        max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
         cache: bool = True,
@@ -186,7 +202,7 @@ class Anyscale(HFModel):
             system_prompt=_check_text("system_prompt", system_prompt),
             prompt_template=_check_template(prompt_template),
             extra_body=extras,
-            response_format_style=_check_choice("response_format_style", response_format_style, ("openai", "anyscale")),
+            response_format_style=_check_choice("response_format_style", response_format_style, _STYLES),
             supports_tools=_check_flag("supports_tools", supports_tools),
             supports_response_schema=_check_flag("supports_response_schema", supports_response_schema),
         )
@@ -198,12 +214,12 @@ class Anyscale(HFModel):
             _check_count("pool_size", pool_size, 1),
             prices=Prices.parse(prices) if prices is not None else None,
             usage_log=resolve_usage_log(usage_log),
+            max_retry_wait=_check_seconds("max_retry_wait", max_retry_wait),
         )
         _check_count("num_retries", num_retries, 0)
         check_value("cache", cache)
-        engine, async_engine, identity = self._connect(settings, api_key)
+        engine, async_engine, self._recorder = self._connect(settings, api_key)
         self._settings = settings
-        self._identity = identity
         super().__init__(
             model,
             engine=engine,
@@ -219,8 +235,8 @@ class Anyscale(HFModel):
         plan_direct_call(self.kwargs, {})  # refuse invalid defaults now, not on the first call
 
     @staticmethod
-    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, str]:
-        """The engine pair and the cache identity, for the endpoint the settings resolve to."""
+    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
+        """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
         recorder = UsageRecorder(prices=settings.prices, log_path=settings.usage_log)
         engine, async_engine = make_engines(
@@ -229,9 +245,11 @@ class Anyscale(HFModel):
             settings.options,
             headers=settings.headers,
             pool_size=settings.pool_size,
-            recorder=recorder,
+            observers=(recorder,),
+            max_retry_wait=settings.max_retry_wait,
         )
-        return engine, async_engine, cache_identity(endpoint.base_url, settings.options, settings.headers)
+        engine.recorder = recorder  # type: ignore[attr-defined]  # TRANSITIONAL: ray.py still reads it
+        return engine, async_engine, recorder
 
     # --- what the instance is ---------------------------------------------------------------------
 
@@ -258,7 +276,7 @@ class Anyscale(HFModel):
     @property
     def usage(self) -> list[UsageRecord]:
         """The usage records of the latest calls (this LM and the copies sharing its connection)."""
-        return list(self.engine.recorder.records)
+        return list(self._recorder.records)
 
     @property
     def extra_body(self) -> Mapping[str, Any]:
@@ -274,7 +292,13 @@ class Anyscale(HFModel):
         return f"Anyscale(model={model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
 
     def _cache_identity(self) -> str:
-        return self._identity
+        return self.engine.cache_identity
+
+    def _observers(self) -> tuple[Observer, ...]:
+        return self.engine.observers
+
+    def _cost(self, usage: Mapping[str, Any]) -> float | None:
+        return self._recorder.cost(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     @classmethod
     def models(
@@ -307,7 +331,7 @@ class Anyscale(HFModel):
             endpoint = "chat" if _check_flag("use_chat_api", use_chat_api) else "completions"
         # The endpoint and the cache identity travel in the request (DSPy's cache key sees them);
         # the engine takes them off before the wire.
-        return {C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint, "identity": self._identity}}
+        return {C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint, "identity": self.engine.cache_identity}}
 
     # --- copies, saving, pickling ---------------------------------------------------------------
 
@@ -334,6 +358,8 @@ class Anyscale(HFModel):
             args["headers"] = dict(settings.headers)
         if settings.prices is not None:
             args["prices"] = {"input": settings.prices.input, "output": settings.prices.output}
+        if settings.max_retry_wait != C.DEFAULT_MAX_RETRY_WAIT:
+            args["max_retry_wait"] = settings.max_retry_wait
         if settings.usage_log is not None:
             args["usage_log"] = settings.usage_log
         return args
@@ -381,16 +407,16 @@ class Anyscale(HFModel):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        # The engines hold the key: they are rebuilt from the environment on unpickling.
-        state.pop("_engine_spec", None)
-        state.pop("_async_engine_spec", None)
+        # The engines hold the key: they are rebuilt from the environment on unpickling (with a new recorder).
+        for name in ("_engine_spec", "_async_engine_spec", "_recorder", "_default_plan"):
+            state.pop(name, None)
         state["_settings"] = self._settings.portable()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._settings = self._settings.restored()
-        self._engine_spec, self._async_engine_spec, self._identity = self._connect(self._settings, None)
+        self._engine_spec, self._async_engine_spec, self._recorder = self._connect(self._settings, None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Anyscale:
         # A deep copy is a new LM on the same connection (like copy()), not a re-read of the

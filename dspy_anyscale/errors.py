@@ -29,6 +29,8 @@ them as DSPy's public errors, with the lm15 error as ``__cause__``::
     2xx body that is not the JSON an      UnexpectedResponseError      LMProviderError          not retried
       OpenAI-compatible server sends        (an lm15 ProviderError)
     a field the wire cannot carry         UnsupportedFeatureError      LMUnsupportedFeatureError  not retried
+    429/5xx asking to wait longer than    RetryWaitTooLongError        LMRateLimitError /       failed at once
+      max_retry_wait (default 60 s)         (internal)                   LMServerError
 
 All of DSPy's classes are re-exported here, so ``from dspy_anyscale.errors import LMRateLimitError``
 works. No message ever contains the API key.
@@ -36,7 +38,7 @@ works. No message ever contains the API key.
 
 from __future__ import annotations
 
-from dspy.lm15 import ProviderError
+from dspy.lm15 import LM15Error, ProviderError, RateLimitError
 from dspy.utils.exceptions import (
     ContextWindowExceededError,
     LMAuthError,
@@ -118,3 +120,48 @@ class UnexpectedResponseError(ProviderError):
     """
 
     default_code = "unexpected_response"
+
+
+class RetryWaitTooLongError(ProviderError):
+    """Engine-internal: the server asked to wait longer than ``max_retry_wait`` before retrying.
+
+    DSPy would wait whatever an error's ``retry_after`` says (27 hours for ``Retry-After: 99999``), so
+    the engine raises this instead, which DSPy does not retry; the LM's entry points then raise the
+    public error the status means (``LMRateLimitError`` for 429, ``LMServerError`` for 5xx) at once,
+    saying what the server asked for. Users never catch this class.
+    """
+
+    default_code = "retry_wait_too_long"
+
+    def __init__(self, refused: LM15Error, *, limit: float) -> None:
+        asked = refused.retry_after if refused.retry_after is not None else float("inf")
+        shown = "an unbounded time" if asked == float("inf") else f"{asked:g} s"
+        super().__init__(
+            f"The server asked to wait {shown} before retrying (Retry-After), more than max_retry_wait={limit:g} s: "
+            f"not retried. {refused.message}",
+            provider=refused.provider,
+            status=refused.status,
+            request_id=refused.request_id,
+            provider_code=refused.provider_code,
+            retry_after=refused.retry_after,
+        )
+        self.public = LMRateLimitError if isinstance(refused, RateLimitError) else LMServerError
+
+    def public_error(self, model: str) -> LMError:
+        return self.public(
+            self.message,
+            model=model,
+            provider=self.provider,
+            provider_code=self.provider_code,
+            status=self.status,
+            request_id=self.request_id,
+            retry_after=self.retry_after,
+        )
+
+
+def public_error(exc: BaseException, model: str) -> BaseException:
+    """The error a user should see for ``exc`` raised out of DSPy's call (see :class:`RetryWaitTooLongError`)."""
+    cause = exc.__cause__
+    if isinstance(exc, LMProviderError) and isinstance(cause, RetryWaitTooLongError):
+        return cause.public_error(model)
+    return exc

@@ -15,19 +15,20 @@ Three ways in:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import dspy
 from dspy.lm15 import Request, Response
+from dspy.utils.exceptions import LMProviderError
 
 from . import _constants as C
 from ._direct_stream import astream_text, stream_text
 from ._identity import strip_identity_metadata, with_identity_metadata
-from ._observe import observed_call
+from ._observe import Call, Observer, finish_call, observed_call, open_call, within
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
-from .errors import InvalidParameterError, UnsupportedParameterError
+from .errors import InvalidParameterError, UnsupportedParameterError, public_error
 
 
 def choice_from(response: Response, *, logprobs: bool) -> dict[str, Any]:
@@ -212,20 +213,59 @@ class HFModel(dspy.LM):
         """Async :meth:`stream`: ``async for chunk in lm.astream("...")``."""
         return self._astream(self._single_request(prompt, kwargs))
 
+    # A stream is a generator, abandoned or closed from anywhere: its call is current only inside the
+    # task that runs the request (never in the consumer's context), and ends when the generator does.
+
     def _stream(self, request: Request) -> Iterator[str]:
-        with self._observed():
-            yield from stream_text(lambda: super(HFModel, self).acall(request))
+        call = open_call(self._observers(), self.model)
+        try:
+            yield from stream_text(lambda: self._streamed_call(call, request))
+        except BaseException as exc:
+            public = public_error(exc, self.model)
+            finish_call(call, public)
+            if public is exc:
+                raise
+            raise public from exc.__cause__
+        finish_call(call)
 
     async def _astream(self, request: Request) -> AsyncIterator[str]:
-        with self._observed():
-            async for chunk in astream_text(lambda: super(HFModel, self).acall(request)):
+        call = open_call(self._observers(), self.model)
+        try:
+            async for chunk in astream_text(lambda: self._streamed_call(call, request)):
                 yield chunk
+        except BaseException as exc:
+            public = public_error(exc, self.model)
+            finish_call(call, public)
+            if public is exc:
+                raise
+            raise public from exc.__cause__
+        finish_call(call)
+
+    async def _streamed_call(self, call: Call | None, request: Request) -> Response:
+        with within(call):
+            return await super().acall(request)
 
     # --- accounting --------------------------------------------------------------------------------
 
-    def _observed(self) -> AbstractContextManager[Any]:
-        """One usage record per public call, however many HTTP attempts it takes."""
-        return observed_call(getattr(self.engine, "recorder", None), self.model)
+    @contextmanager
+    def _observed(self) -> Iterator[None]:
+        """One observed call per public call, however many HTTP attempts it takes; errors as users see them."""
+        with observed_call(self._observers(), self.model):
+            try:
+                yield
+            except LMProviderError as exc:  # the one internal error that surfaces as another class
+                public = public_error(exc, self.model)
+                if public is exc:
+                    raise
+                raise public from exc.__cause__
+
+    def _observers(self) -> tuple[Observer, ...]:
+        """Who hears of each call and attempt (usage records, tracing). Subclasses say."""
+        return ()
+
+    def _cost(self, usage: Mapping[str, Any]) -> float | None:
+        """The cost of one history entry's usage, when the subclass knows prices."""
+        return None
 
     def update_history(self, entry: dict[str, Any]) -> None:
         """DSPy's history, with ``cost`` filled in from the price table (DSPy prices no custom engine), and
@@ -236,10 +276,9 @@ class HFModel(dspy.LM):
             entry["kwargs"] = {key: value for key, value in kwargs.items() if key != "metadata"}
             if metadata is not None:
                 entry["kwargs"]["metadata"] = metadata
-        recorder = getattr(self.engine, "recorder", None)
         usage = entry.get("usage") or {}
-        if entry.get("cost") is None and recorder is not None and usage:
-            entry["cost"] = recorder.cost(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        if entry.get("cost") is None and usage:
+            entry["cost"] = self._cost(usage)
         super().update_history(entry)
 
     def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:

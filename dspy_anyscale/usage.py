@@ -1,61 +1,54 @@
-"""One record per call: model, endpoint, status, latency, time to first token, tokens, cost,
-retries and the server's request ids; an optional JSON-lines log of them; a summary per model.
+"""Usage accounting, in one place: a record per call, its cost, the JSON-lines log, and summaries.
 
 A *call* is what the user asked for: ``lm(...)``, a program's LM call, ``lm.stream(...)``. DSPy
-may make several HTTP attempts for it (retries, ``n`` candidates); the engine reports each
-attempt and the call's record adds them up. A call answered from DSPy's cache makes no attempt
-and is recorded as ``cached`` with no tokens and no cost. Records never hold the key, headers or
-prompt text.
+may make several HTTP attempts for it (retries, ``n`` candidates); the engine reports each attempt
+(:mod:`._observe`) and the call's record adds them up. A call answered from DSPy's cache makes no
+attempt and is recorded as ``cached`` with no tokens and no cost. Token counts the server did not
+send are unknown (``None``), and so is the cost then: never 0. Records never hold the key,
+headers or prompt text.
+
+The recorder is an observer: if its log cannot be written (a full disk, a file removed under
+it), the call still returns its answer and a warning is logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import math
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import _constants as C
+from ._observe import Attempt, Call, Observer
 from .catalog import Prices, model_info
 
+logger = logging.getLogger(C.LOGGER_NAME)
+
 RECORDS_KEPT = 10_000  # per LM, in memory; the log file keeps everything
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One HTTP exchange, as the engine saw it."""
-
-    endpoint: str
-    model: str
-    ok: bool
-    error: str | None = None
-    latency_s: float = 0.0
-    ttft_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    request_id: str | None = None
-    stream: bool = False
+_OK, _CACHED = "ok", "cached"
 
 
 @dataclass(frozen=True)
 class UsageRecord:
-    """One call. ``cost_usd`` is None when the model has no known price or tokens were not reported."""
+    """One call. Tokens and ``cost_usd`` are None when the server did not report the counts (or the
+    model has no known price)."""
 
     timestamp: str
     model: str
     endpoint: str | None
-    status: str  # "ok", "cached", "cancelled", or the error class name
+    status: str  # "ok", "cached", "cancelled", "budget", or the error class name
     latency_ms: float
     ttft_ms: float | None
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
     cost_usd: float | None
     attempts: int
     retries: int
@@ -68,30 +61,11 @@ class UsageRecord:
         return json.dumps(data, separators=(",", ":"))
 
 
-@dataclass
-class CallStats:
-    """The attempts of one call in progress, collected through a context variable."""
+class CostTable:
+    """Prices per model: the ones given, else the legacy catalogue, else unknown."""
 
-    started: float = field(default_factory=time.perf_counter)
-    attempts: list[Attempt] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, attempt: Attempt) -> None:
-        with self.lock:  # candidates of one call may run concurrently
-            self.attempts.append(attempt)
-
-
-class UsageRecorder:
-    """Turns calls into :class:`UsageRecord` s, keeps the last ones and appends them to a JSON-lines log."""
-
-    def __init__(self, *, prices: Prices | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, prices: Prices | None = None) -> None:
         self.prices = prices
-        self.log_path = Path(log_path) if log_path else None
-        self.records: deque[UsageRecord] = deque(maxlen=RECORDS_KEPT)
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"UsageRecorder(prices={self.prices}, log_path={self.log_path})"
 
     def price(self, model: str) -> Prices | None:
         if self.prices is not None:
@@ -103,35 +77,68 @@ class UsageRecorder:
         prices = self.price(model)
         return prices.cost(prompt_tokens, completion_tokens) if prices else None
 
-    def finish(self, model: str, stats: CallStats, error: BaseException | None = None) -> UsageRecord:
-        record = build_record(model, stats, error, self.cost)
+
+class UsageRecorder(Observer):
+    """Turns calls into :class:`UsageRecord` s, keeps the last ones and appends them to a JSON-lines log."""
+
+    def __init__(self, *, prices: Prices | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
+        self.costs = CostTable(prices)
+        self.log_path = Path(log_path) if log_path else None
+        self.records: deque[UsageRecord] = deque(maxlen=RECORDS_KEPT)
+        self._lock = threading.Lock()
+        self._log_failed = False
+
+    def __repr__(self) -> str:
+        return f"UsageRecorder(prices={self.costs.prices}, log_path={self.log_path})"
+
+    def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        return self.costs.cost(model, prompt_tokens, completion_tokens)
+
+    def call_finished(self, call: Call, error: BaseException | None) -> None:
+        self.add(build_record(call.model, call.attempts, call.started, error, self.costs.cost))
+
+    def add(self, record: UsageRecord) -> None:
         with self._lock:
             self.records.append(record)
             if self.log_path is not None:
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                with self.log_path.open("a", encoding="utf-8") as log:
-                    log.write(record.to_json() + "\n")
-        return record
+                self._append(record)
+
+    def _append(self, record: UsageRecord) -> None:
+        assert self.log_path is not None
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a", encoding="utf-8") as log:
+                log.write(record.to_json() + "\n")
+        except OSError as exc:
+            # The server answered (and may have been paid): a log that cannot be written costs a line, not the call.
+            level = logging.DEBUG if self._log_failed else logging.WARNING
+            logger.log(
+                level,
+                "usage log %s could not be written (%s); the call's record is kept in lm.usage",
+                self.log_path,
+                exc,
+            )
+            self._log_failed = True
 
 
-def build_record(model: str, stats: CallStats, error: BaseException | None, cost: Any) -> UsageRecord:
-    attempts = list(stats.attempts)
+def build_record(
+    model: str, attempts: list[Attempt], started: float, error: BaseException | None, cost: Any
+) -> UsageRecord:
+    attempts = list(attempts)
     succeeded = [a for a in attempts if a.ok]
-    prompt = sum(a.prompt_tokens or 0 for a in succeeded)
-    completion = sum(a.completion_tokens or 0 for a in succeeded)
-    known = all(a.prompt_tokens is not None and a.completion_tokens is not None for a in succeeded)
-    status = _status(error) if error is not None else ("ok" if attempts else "cached")
+    prompt = _total(a.prompt_tokens for a in succeeded)
+    completion = _total(a.completion_tokens for a in succeeded)
     ttfts = [a.ttft_s for a in succeeded if a.ttft_s is not None]
     return UsageRecord(
         timestamp=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         model=attempts[-1].model if attempts else model,
         endpoint=attempts[-1].endpoint if attempts else None,
-        status=status,
-        latency_ms=round((time.perf_counter() - stats.started) * 1000, 3),
+        status=call_status(error, bool(attempts)),
+        latency_ms=round((time.perf_counter() - started) * 1000, 3),
         ttft_ms=round(min(ttfts) * 1000, 3) if ttfts else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
-        cost_usd=(cost(model, prompt, completion) if known else None) if succeeded else 0.0,
+        cost_usd=cost(model, prompt, completion) if succeeded else 0.0,
         attempts=len(attempts),
         retries=len(attempts) - len(succeeded),
         request_ids=tuple(a.request_id for a in attempts if a.request_id),
@@ -139,24 +146,59 @@ def build_record(model: str, stats: CallStats, error: BaseException | None, cost
     )
 
 
-def _status(error: BaseException) -> str:
+def _total(counts: Iterable[int | None]) -> int | None:
+    """The sum of the counts, or None if any is unknown (a partial sum would understate usage)."""
+    values = list(counts)
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def call_status(error: BaseException | None, attempted: bool) -> str:
+    """``ok`` / ``cached`` / ``cancelled`` / ``budget`` / the error's class name."""
+    import asyncio
+
+    if error is None:
+        return _OK if attempted else _CACHED
     # A stream the consumer stopped reading, or a cancelled task, is not a failure of the server.
     if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
         return "cancelled"
+    if getattr(error, "code", None) == "budget_exceeded":
+        return "budget"
     return type(error).__name__
+
+
+def usage_totals(usage: Mapping[str, Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens summed over DSPy's per-model usage (``prediction.get_lm_usage()``).
+
+    None when a call's counts were unknown; (0, 0) for no usage at all (every call cached).
+    """
+    prompt: int | None = 0
+    completion: int | None = 0
+    for entry in usage.values():
+        prompt = None if prompt is None or entry.get("prompt_tokens") is None else prompt + entry["prompt_tokens"]
+        completion = (
+            None
+            if completion is None or entry.get("completion_tokens") is None
+            else completion + entry["completion_tokens"]
+        )
+    return prompt, completion
 
 
 # --- reading a log back ------------------------------------------------------------------------
 
 
 def read_log(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The records of a usage log; a line that is not a JSON object is an error naming the line."""
     with Path(path).open(encoding="utf-8") as log:
         for number, line in enumerate(log, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number} is not a JSON line: {exc}") from exc
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number} is not a JSON line: {exc}") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("model"), str):
+                raise ValueError(f"{path}:{number} is not a usage record (a JSON object with a 'model')")
+            yield record
 
 
 @dataclass(frozen=True)
@@ -165,37 +207,46 @@ class ModelSummary:
     calls: int
     errors: int
     cached: int
+    refused: int  # refused by the client before sending (budget)
     prompt_tokens: int
     completion_tokens: int
+    unknown_tokens: int  # answered calls whose token counts the server did not send
     cost_usd: float | None
     p50_ms: float | None
     p95_ms: float | None
 
 
 def summarize(records: Iterable[Mapping[str, Any] | UsageRecord]) -> list[ModelSummary]:
-    """Per model: calls, errors, cache hits, tokens, cost (None if any call's cost is unknown), latency."""
+    """Per model: calls, errors, cache hits, refusals, tokens, cost (None if any is unknown), latency."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         row = asdict(record) if isinstance(record, UsageRecord) else record
         grouped.setdefault(row["model"], []).append(row)
-    summaries = []
-    for model, rows in sorted(grouped.items()):
-        costs = [row.get("cost_usd") for row in rows if row.get("status") == "ok"]
-        latencies = sorted(row["latency_ms"] for row in rows if row.get("status") == "ok")
-        summaries.append(
-            ModelSummary(
-                model=model,
-                calls=len(rows),
-                errors=sum(row.get("status") not in ("ok", "cached") for row in rows),
-                cached=sum(row.get("status") == "cached" for row in rows),
-                prompt_tokens=sum(row.get("prompt_tokens") or 0 for row in rows),
-                completion_tokens=sum(row.get("completion_tokens") or 0 for row in rows),
-                cost_usd=None if any(c is None for c in costs) else sum(costs),
-                p50_ms=_percentile(latencies, 50),
-                p95_ms=_percentile(latencies, 95),
-            )
-        )
-    return summaries
+    return [_summary(model, rows) for model, rows in sorted(grouped.items())]
+
+
+def _summary(model: str, rows: list[Mapping[str, Any]]) -> ModelSummary:
+    answered = [row for row in rows if row.get("status") == _OK]
+    costs = [row.get("cost_usd") for row in answered]
+    latencies = sorted(_number(row.get("latency_ms")) for row in answered)
+    unknown = [row for row in answered if row.get("prompt_tokens") is None or row.get("completion_tokens") is None]
+    return ModelSummary(
+        model=model,
+        calls=len(rows),
+        errors=sum(row.get("status") not in (_OK, _CACHED, "budget") for row in rows),
+        cached=sum(row.get("status") == _CACHED for row in rows),
+        refused=sum(row.get("status") == "budget" for row in rows),
+        prompt_tokens=sum(_number(row.get("prompt_tokens")) for row in rows),
+        completion_tokens=sum(_number(row.get("completion_tokens")) for row in rows),
+        unknown_tokens=len(unknown),
+        cost_usd=None if any(c is None for c in costs) else sum(_number(c) for c in costs),
+        p50_ms=_percentile(latencies, 50),
+        p95_ms=_percentile(latencies, 95),
+    )
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def _percentile(sorted_values: list[float], percent: float) -> float | None:
@@ -208,16 +259,19 @@ def _percentile(sorted_values: list[float], percent: float) -> float | None:
 
 def format_summary(summaries: list[ModelSummary]) -> str:
     header = (
-        f"{'model':40} {'calls':>6} {'errors':>6} {'cached':>6} {'prompt tok':>11} {'compl. tok':>11} "
-        f"{'cost USD':>10} {'p50 ms':>8} {'p95 ms':>8}"
+        f"{'model':40} {'calls':>6} {'errors':>6} {'cached':>6} {'refused':>7} {'prompt tok':>11} "
+        f"{'compl. tok':>11} {'cost USD':>10} {'p50 ms':>8} {'p95 ms':>8}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
         cost = f"{s.cost_usd:10.6f}" if s.cost_usd is not None else f"{'unknown':>10}"
+        mark = "*" if s.unknown_tokens else " "
         p50 = f"{s.p50_ms:8.0f}" if s.p50_ms is not None else f"{'-':>8}"
         p95 = f"{s.p95_ms:8.0f}" if s.p95_ms is not None else f"{'-':>8}"
         lines.append(
-            f"{s.model[:40]:40} {s.calls:6d} {s.errors:6d} {s.cached:6d} {s.prompt_tokens:11d} "
-            f"{s.completion_tokens:11d} {cost} {p50} {p95}"
+            f"{s.model[:40]:40} {s.calls:6d} {s.errors:6d} {s.cached:6d} {s.refused:7d} {s.prompt_tokens:10d}{mark} "
+            f"{s.completion_tokens:10d}{mark} {cost} {p50} {p95}"
         )
+    if any(s.unknown_tokens for s in summaries):
+        lines.append("* some calls' token counts were not sent by the server: the totals leave them out")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -106,7 +107,11 @@ def test_the_key_is_redacted_even_when_a_server_echoes_it():
         ({"retry-after-ms": "250"}, 0.25),
         ({"Retry-After": "-1"}, None),
         ({"Retry-After": "soon"}, None),
-        ({"Retry-After": "inf"}, None),
+        ({"Retry-After": "inf"}, math.inf),  # non-finite: "too long", never an exception
+        ({"Retry-After": "1e400"}, math.inf),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "1e308"}, 1e308),
+        ({"Retry-After": "Thu, 01 Jan 2099 00:00:00 GMT"}, pytest.approx(2.294e9, rel=0.1)),
     ],
 )
 def test_parse_retry_after(headers, expected):

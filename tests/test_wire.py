@@ -98,9 +98,8 @@ def test_response_format_openai_style_by_default():
 
 
 def test_response_format_anyscale_style():
-    options = WireOptions(endpoint="chat", response_format_style="anyscale")
     fmt = {"type": "json_schema", "schema": SCHEMA}
-    assert build_call(request(response_format=fmt), options).payload["response_format"] == {
+    assert build_call(request(response_format=fmt), CHAT, style="anyscale").payload["response_format"] == {
         "type": "json_object",
         "schema": SCHEMA,
     }
