@@ -90,7 +90,14 @@ class _EngineBase:
         return self.transport.endpoint.url(call.path)
 
     def _observed(self, call: WireCall, request: Request, *, stream: bool = False) -> AbstractContextManager[Any]:
-        return attempt(self.observers, endpoint=call.endpoint, model=request.model, url=self._url(call), stream=stream)
+        return attempt(
+            self.observers,
+            endpoint=call.endpoint,
+            model=request.model,
+            url=self._url(call),
+            stream=stream,
+            request=request,
+        )
 
     def _resend_for(self, call: WireCall, request: Request, error: lm15.LM15Error) -> WireCall:
         """The same call in the Anyscale JSON-mode form, when ``error`` is the server refusing the OpenAI
@@ -115,7 +122,9 @@ class _EngineBase:
         response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
         if scope is not None:
             usage = response.usage
-            scope.succeeded(usage.input_tokens, usage.output_tokens, response.model, response.finish_reason)
+            scope.succeeded(
+                usage.input_tokens, usage.output_tokens, response.model, response.finish_reason, response.text
+            )
         return response
 
     def _translator(self, call: WireCall, request: Request) -> StreamTranslator:
@@ -133,11 +142,14 @@ class _EngineBase:
         return events
 
     @staticmethod
-    def _ended(scope: AttemptScope | None, end: list[Any]) -> list[Any]:
+    def _ended(scope: AttemptScope | None, translator: StreamTranslator) -> list[Any]:
+        end = translator.finish()
         if scope is not None:
             final = end[-1]
             usage = final.usage or lm15.Usage()
-            scope.succeeded(usage.input_tokens, usage.output_tokens, None, final.finish_reason)
+            scope.succeeded(
+                usage.input_tokens, usage.output_tokens, translator.model, final.finish_reason, translator.text
+            )
         return end
 
     # --- saving ----------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ class AnyscaleEngine(_EngineBase):
             with translator.interruptions():
                 for event in iter_sse(reply.chunks):
                     yield from self._events(scope, translator.feed(event))
-            end = self._ended(scope, translator.finish())
+            end = self._ended(scope, translator)
         yield from end
 
     def _open_or_raise(self, stack: ExitStack, call: WireCall) -> StreamReply:
@@ -250,7 +262,7 @@ class AsyncAnyscaleEngine(_EngineBase):
                     async for event in aiter_sse(reply.chunks):
                         for item in self._events(scope, translator.feed(event)):
                             yield item
-                end = self._ended(scope, translator.finish())
+                end = self._ended(scope, translator)
         for item in end:
             yield item
 

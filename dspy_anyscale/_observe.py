@@ -42,6 +42,7 @@ class AttemptStart:
     started: float  # time.perf_counter()
     number: int  # 0 for the call's first attempt, then 1, 2, ... (retries and candidates)
     waited_s: float | None  # time since the call's previous attempt ended (DSPy's backoff), None for the first
+    request: Any = field(default=None, repr=False, compare=False)  # the dspy.lm15.Request (prompt text: opt-in only)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Attempt:
     request_id: str | None = None
     response_model: str | None = None
     finish_reason: str | None = None
+    output_text: str | None = field(default=None, repr=False)  # the completion (record it only when opted in)
 
     @property
     def endpoint(self) -> str:
@@ -193,13 +195,21 @@ class AttemptScope:
         if self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self._start.started
 
-    def succeeded(self, prompt_tokens: Any, completion_tokens: Any, response_model: str | None, finish: str | None):
+    def succeeded(
+        self,
+        prompt_tokens: Any,
+        completion_tokens: Any,
+        response_model: str | None,
+        finish: str | None,
+        text: str | None = None,
+    ) -> None:
         self._fields.update(
             ok=True,
             prompt_tokens=_count(prompt_tokens),
             completion_tokens=_count(completion_tokens),
             response_model=response_model,
             finish_reason=finish,
+            output_text=text,
         )
 
     def _finish(self, error: BaseException | None) -> None:
@@ -233,7 +243,7 @@ def _error_name(error: BaseException) -> str:
 
 @contextmanager
 def attempt(
-    observers: tuple[Observer, ...], *, endpoint: str, model: str, url: str, stream: bool = False
+    observers: tuple[Observer, ...], *, endpoint: str, model: str, url: str, stream: bool = False, request: Any = None
 ) -> Iterator[AttemptScope | None]:
     """Observe one HTTP attempt: inside the current call, or as a call of its own."""
     if not observers:
@@ -245,7 +255,7 @@ def attempt(
         _notify(observers, "call_started", call)
     started = time.perf_counter()
     number, waited = call._begin(started)
-    start = AttemptStart(endpoint, model, url, stream, started, number, waited)
+    start = AttemptStart(endpoint, model, url, stream, started, number, waited, request)
     _notify(observers, "attempt_started", call, start)
     scope = AttemptScope(call, start, own)
     try:

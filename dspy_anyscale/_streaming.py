@@ -47,7 +47,14 @@ class StreamTranslator:
         self._finish: str | None = None
         self._usage: lm15.Usage | None = None
         self._parts: dict[tuple[Any, ...], int] = {}
+        self._texts: list[str] = []
         self.characters = 0
+        self.model: str | None = None  # what the server says answered
+
+    @property
+    def text(self) -> str:
+        """The answer's text so far."""
+        return "".join(self._texts)
 
     def feed(self, sse: ServerSentEvent) -> list[Any]:
         if self._done:
@@ -59,7 +66,8 @@ class StreamTranslator:
         events: list[Any] = []
         if not self._started:
             self._started = True
-            events.append(StreamStartEvent(id=chunk.get("id") or None, model=chunk.get("model") or self._model))
+            self.model = str(chunk["model"]) if chunk.get("model") else None
+            events.append(StreamStartEvent(id=chunk.get("id") or None, model=self.model or self._model))
         if isinstance(chunk.get("usage"), Mapping):
             self._usage = usage_from(chunk["usage"])
         for choice in chunk.get("choices") or ():
@@ -137,6 +145,7 @@ class StreamTranslator:
             logprobs = completions_logprobs(choice.get("logprobs")) or ()
         if text:
             self.characters += len(text)
+            self._texts.append(text)
             events.append(StreamDeltaEvent(TextDelta(text=text, part_index=self._index("text"), logprobs=logprobs)))
         if choice.get("finish_reason"):
             self._finish = str(choice["finish_reason"])
