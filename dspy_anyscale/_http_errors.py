@@ -114,6 +114,8 @@ def _fastapi_item(item: object) -> str:
 # per-field list ({"detail": [{"loc": ["body", ...], ...}]}).
 # A name without "Request" (a response model) is the server failing on its own output: a real 5xx.
 _PYDANTIC_SUMMARY = re.compile(r"\b\d+ validation errors? for \w*Request\w*")
+# FastAPI's RequestValidationError turned into text: [{'type': ..., 'loc': ('body', ...), ...}]
+_BODY_LOCATION = re.compile(r"""['"]loc['"]\s*:\s*[(\[]\s*['"]body['"]""")
 _VALIDATION_HINT = " (the server could not validate the request body: not retried)"
 
 
@@ -122,11 +124,15 @@ def is_request_validation_error(body: bytes) -> bool:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return bool(_PYDANTIC_SUMMARY.search(body.decode("utf-8", "replace")))
+        return _names_the_body(body.decode("utf-8", "replace"))
     if isinstance(data, dict) and isinstance(data.get("detail"), list):
         return any(isinstance(item, dict) and (item.get("loc") or [None])[0] == "body" for item in data["detail"])
     message, _ = error_detail(body)
-    return bool(_PYDANTIC_SUMMARY.search(message))
+    return _names_the_body(message)
+
+
+def _names_the_body(text: str) -> bool:
+    return bool(_PYDANTIC_SUMMARY.search(text) or _BODY_LOCATION.search(text))
 
 
 def error_for_status(

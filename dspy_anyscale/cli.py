@@ -64,8 +64,8 @@ def endpoint_for_demo() -> Iterator[str | None]:
 def _pick_model(explicit: str | None) -> str:
     if explicit:
         return explicit
-    if os.environ.get("ANYSCALE_MODEL"):
-        return os.environ["ANYSCALE_MODEL"]
+    if os.environ.get(C.ENV_MODEL):
+        return os.environ[C.ENV_MODEL]
     from .anyscale import Anyscale
 
     served = Anyscale.models()
@@ -74,13 +74,18 @@ def _pick_model(explicit: str | None) -> str:
     return served[0]["id"]
 
 
-def _usage_line(prediction: Any) -> tuple[int, int, str]:
+def _usage_line(prediction: Any) -> tuple[int | None, int | None, str]:
+    from .usage import usage_totals
+
     usage = prediction.get_lm_usage() or {}
     if not usage:
-        return 0, 0, "served from DSPy's cache (no tokens used)"
-    prompt = sum(u.get("prompt_tokens") or 0 for u in usage.values())
-    completion = sum(u.get("completion_tokens") or 0 for u in usage.values())
-    return prompt, completion, f"{prompt} prompt + {completion} completion tokens"
+        return 0, 0, "served from DSPy's cache (no tokens used), or the server sent no token counts"
+    prompt, completion = usage_totals(usage)
+    return prompt, completion, f"{_tokens(prompt)} prompt + {_tokens(completion)} completion tokens"
+
+
+def _tokens(count: int | None) -> str:
+    return "unknown" if count is None else str(count)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -95,19 +100,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Serve LLM, llama.cpp) make even a small model answer in a parseable shape.
         program = dspy.ChainOfThought("question -> answer")
         print(f"model: {model} at {lm.api_base}\n")
-        totals = [0, 0, 0.0]
+        totals: list[Any] = [0, 0, 0.0]  # prompt, completion (None once one is unknown), seconds
         with dspy.context(lm=lm, adapter=dspy.JSONAdapter(), track_usage=True):
             for question in args.questions or DEMO_QUESTIONS:
                 started = time.perf_counter()
                 prediction = program(question=question)
                 elapsed = time.perf_counter() - started
                 prompt, completion, usage = _usage_line(prediction)
-                totals[0] += prompt
-                totals[1] += completion
+                totals[0] = None if prompt is None or totals[0] is None else totals[0] + prompt
+                totals[1] = None if completion is None or totals[1] is None else totals[1] + completion
                 totals[2] += elapsed
                 print(f"Q: {question}\nA: {prediction.answer}\n   reasoning: {prediction.reasoning}")
                 print(f"   {usage}, {elapsed * 1000:.0f} ms\n")
-        print(f"total: {totals[0]} prompt + {totals[1]} completion tokens in {totals[2]:.2f} s")
+        print(f"total: {_tokens(totals[0])} prompt + {_tokens(totals[1])} completion tokens in {totals[2]:.2f} s")
         lm.close()
     return 0
 
@@ -134,8 +139,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for record in lm.usage:
         cost = f"${record.cost_usd:.6f}" if record.cost_usd is not None else "cost unknown (no price for this model)"
         print(
-            f"{record.status}: {record.prompt_tokens} prompt + {record.completion_tokens} completion tokens, "
-            f"{record.latency_ms:.0f} ms, {cost}",
+            f"{record.status}: {_tokens(record.prompt_tokens)} prompt + {_tokens(record.completion_tokens)} "
+            f"completion tokens, {record.latency_ms:.0f} ms, {cost}",
             file=sys.stderr,
         )
     lm.close()

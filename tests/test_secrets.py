@@ -131,3 +131,76 @@ def test_wrong_key_error_points_at_the_variable(make_lm):
 def test_constructor_key_never_lands_in_kwargs(stub):
     lm = Anyscale(MODEL, api_base=stub.base_url, api_key=SECRET)
     assert "api_key" not in lm.kwargs and SECRET not in repr(lm.kwargs)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("GET http://127.0.0.1:8000/v1 failed", "1", "GET http://127.0.0.1:8000/v1 failed"),
+        ("the file does not exist", "x", "the file does not exist"),
+        ("Bearer x was refused", "x", "Bearer *** was refused"),
+        ('{"key": "x"}', "x", '{"key": "***"}'),
+        ("key=abc123&x=1", "abc123", "key=***&x=1"),
+        (f"token {SECRET}, again {SECRET}suffix", SECRET, "token ***, again ***suffix"),
+    ],
+)
+def test_redaction_removes_a_short_key_only_as_a_whole_token(text, key, expected):
+    from dspy_anyscale._secrets import Secret, redact
+
+    assert redact(text, key) == expected
+    assert redact(text, Secret(key)) == expected
+
+
+def test_a_secret_never_shows_itself():
+    from dspy_anyscale._secrets import Secret
+
+    secret = Secret(SECRET)
+    assert SECRET not in repr(secret) and SECRET not in str(secret) and SECRET not in f"{secret}"
+    with pytest.raises(TypeError, match="never pickled"):
+        pickle.dumps(secret)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        ("x-portkey-config", '{"targets": [{"provider": "openai", "api_key": "k"}]}', True),
+        ("x-portkey-config", '{"strategy": {"mode": "fallback"}}', False),
+        ("x-portkey-config", "pc-saved-config-id", False),
+        ("X-ApiKey", "v", True),
+        ("xAccessToken", "v", True),
+    ],
+)
+def test_a_header_is_secret_by_its_name_or_by_secret_fields_in_its_json(name, value, secret):
+    from dspy_anyscale._secrets import is_secret_header
+
+    assert is_secret_header(name, value) is secret
+
+
+def test_a_portkey_config_with_target_keys_is_not_saved_with_the_program(make_lm):
+    from dspy_anyscale import portkey_headers
+
+    headers = portkey_headers(config={"targets": [{"provider": "openai", "api_key": "target-key-123456"}]}, api_key="")
+    lm = make_lm(headers=headers)
+    assert "target-key-123456" not in repr(lm.dump_state())
+    assert b"target-key-123456" not in pickle.dumps(lm)
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("Authorization", True),
+        ("x-portkey-api-key", True),
+        ("X-Api-Key", True),
+        ("x_access_token", True),
+        ("Cookie", True),
+        ("x-portkey-provider", False),
+        ("x-portkey-trace-id", False),
+        ("X-Team", False),
+        ("x-portkey-custom-host", False),
+        ("x-portkey-virtual-key", True),
+    ],
+)
+def test_which_header_values_are_secret(name, secret):
+    from dspy_anyscale._secrets import is_secret_header
+
+    assert is_secret_header(name) is secret
