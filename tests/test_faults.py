@@ -4,10 +4,8 @@ what is not, what the error says; a soak test with random transient faults; real
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 import types
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -25,6 +23,7 @@ from dspy.utils.exceptions import (
 from dspy_anyscale.testing import Fault
 
 from .conftest import SECRET
+from .leaks import no_leaked_sockets
 
 ENDPOINTS = [pytest.param(False, id="completions"), pytest.param(True, id="chat")]
 MODES = [pytest.param("sync", id="sync"), pytest.param("async", id="async")]
@@ -227,11 +226,19 @@ def test_threads_share_a_pool_sized_for_them(make_lm, stub):
 
 def test_asyncio_run_many_times_leaves_no_open_sockets(make_lm, stub):
     lm = make_lm(use_chat_api=True, cache=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ResourceWarning)
+    with no_leaked_sockets():
         for i in range(5):
             assert asyncio.run(lm.acall(f"loop {i}")) == [f"echo: loop {i}"]
-        gc.collect()
+
+
+def test_the_socket_check_catches_a_leak_planted_on_purpose(stub):
+    import socket
+
+    with pytest.raises(AssertionError, match=r"left open|ResourceWarning"), no_leaked_sockets():
+        planted = socket.create_connection(("127.0.0.1", stub.port))
+    planted.close()
+    with pytest.raises(AssertionError, match="ResourceWarning"), no_leaked_sockets():
+        socket.create_connection(("127.0.0.1", stub.port))  # dropped unclosed: only a finalizer notices
 
 
 def test_dspy_program_async_with_faults(make_lm, stub, waits):
