@@ -17,15 +17,22 @@ from .conftest import MODEL, SECRET  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="session")
-def local_ray():
+def start_local_ray():
+    """One local Ray per test session, whichever Ray test file asks first (tests/test_ray_pool.py too)."""
+    if ray.is_initialized():
+        return ray
     # Workers inherit the environment of ray.init: that is how they get the key, never from the LM.
     previous = os.environ.get("ANYSCALE_API_KEY")
     os.environ.update(ANYSCALE_API_KEY=SECRET, RAY_USAGE_STATS_ENABLED="0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     if previous is None:
         os.environ.pop("ANYSCALE_API_KEY")
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    yield start_local_ray()
     ray.shutdown()
 
 
@@ -140,3 +147,153 @@ def test_input_keys_are_required_when_they_cannot_be_inferred(local_ray, lm):
         concurrency=1,
     )
     assert results.take_all()[0]["pred_answer"] == "answer for q"
+
+
+# --- bad input: refused before any Ray work, naming the parameter ----------------------------------
+
+
+@pytest.fixture
+def no_ray_work(monkeypatch):
+    """Any Ray work (a dataset, an object, an actor, a map) fails the test: checks must come first."""
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray work started before the arguments were checked")
+
+    import ray.data
+
+    for target, name in [(ray, "init"), (ray, "put"), (ray, "remote"), (ray.data, "from_items")]:
+        monkeypatch.setattr(target, name, started)
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", started)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", started)
+
+
+def exact(example, prediction, trace=None):
+    return example.answer == prediction.answer
+
+
+NOT_POSITIVE_INTS = [0, -1, 2.5, True, "4", None]
+NOT_POSITIVE_NUMBERS = [0, -0.5, float("nan"), float("inf"), True, "1"]
+
+RUN_PROGRAM_CASES = [
+    ({"program": "qa"}, "program must be a dspy.Module"),
+    ({"program": dspy.Predict}, "program must be a dspy.Module"),
+    ({"lm": SECRET}, "lm must be a dspy_anyscale.Anyscale"),
+    ({"lm": None}, "lm must be a dspy_anyscale.Anyscale"),
+    ({"lm": dspy.LM("openai/gpt-4o-mini")}, "lm must be a dspy_anyscale.Anyscale"),
+    ({"adapter": "json"}, "adapter must be None or a dspy.Adapter"),
+    ({"adapter": dspy.JSONAdapter}, "adapter must be None or a dspy.Adapter"),
+    ({"dataset": "question 1"}, "dataset must be a ray.data.Dataset or an iterable"),
+    ({"dataset": {"question": "q"}}, "dataset must be a ray.data.Dataset or an iterable"),
+    ({"dataset": 42}, "dataset must be a ray.data.Dataset or an iterable"),
+    ({"dataset": [{"question": "q"}, "q2"]}, r"dataset\[1\] must be a dict or a dspy.Example"),
+    ({"input_keys": "question"}, "input_keys must be a non-empty list of column names"),
+    ({"input_keys": []}, "input_keys must be a non-empty list of column names"),
+    ({"input_keys": [1]}, "input_keys must be a non-empty list of column names"),
+    ({"input_keys": ["query"]}, "input_keys names 'query', not a column of the dataset"),
+    *[({"concurrency": value}, "concurrency must be a positive int") for value in NOT_POSITIVE_INTS[:-1]],
+    *[({"threads_per_actor": value}, "threads_per_actor must be a positive int") for value in NOT_POSITIVE_INTS[:-1]],
+    *[({"batch_size": value}, "batch_size must be a positive int") for value in NOT_POSITIVE_INTS],
+    *[({"num_cpus": value}, "num_cpus must be a positive number") for value in NOT_POSITIVE_NUMBERS],
+    ({"metric": "exact"}, "metric must be None or a callable"),
+    ({"failure_score": "0"}, "failure_score must be a number"),
+    ({"failure_score": None}, "failure_score must be a number"),
+    ({"materialize": "yes"}, "materialize must be True or False"),
+    ({"pool": "warm"}, "pool must be a ProgramPool"),
+]
+
+
+def _ids(cases):
+    return [f"{next(iter(kwargs))}={next(iter(kwargs.values()))!r}"[:40] for kwargs, _ in cases]
+
+
+@pytest.mark.parametrize(("bad", "message"), RUN_PROGRAM_CASES, ids=_ids(RUN_PROGRAM_CASES))
+def test_run_program_refuses_bad_arguments_before_any_ray_work(bad, message, lm, no_ray_work):
+    from dspy_anyscale.errors import ConfigurationError
+    from dspy_anyscale.ray import run_program
+
+    kwargs = {"program": dspy.Predict("question -> answer"), "dataset": examples(3), "lm": lm, **bad}
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        run_program(kwargs.pop("program"), kwargs.pop("dataset"), **kwargs)
+    assert isinstance(raised.value, ValueError)
+    assert SECRET not in str(raised.value)
+
+
+EVALUATE_CASES = [
+    ({"metric": None}, "metric must be a callable"),
+    ({"metric": "exact"}, "metric must be a callable"),
+    ({"failure_score": "low"}, "failure_score must be a number"),
+    ({"program": object()}, "program must be a dspy.Module"),
+    ({"concurrency": 0}, "concurrency must be a positive int"),
+    ({"input_keys": "question"}, "input_keys must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), EVALUATE_CASES, ids=_ids(EVALUATE_CASES))
+def test_evaluate_refuses_bad_arguments_before_any_ray_work(bad, message, lm, no_ray_work):
+    from dspy_anyscale.errors import ConfigurationError
+    from dspy_anyscale.ray import evaluate
+
+    kwargs = {"program": dspy.Predict("question -> answer"), "dataset": examples(3), "metric": exact, **bad}
+    with pytest.raises(ConfigurationError, match=message):
+        evaluate(kwargs.pop("program"), kwargs.pop("dataset"), kwargs.pop("metric"), lm=lm, **kwargs)
+
+
+POOL_CASES = [
+    ({"lm": "m"}, "lm must be a dspy_anyscale.Anyscale"),
+    ({"adapter": dspy.ChatAdapter}, "adapter must be None or a dspy.Adapter"),
+    *[({"concurrency": value}, "concurrency must be a positive int") for value in NOT_POSITIVE_INTS],
+    *[({"threads_per_actor": value}, "threads_per_actor must be a positive int") for value in NOT_POSITIVE_INTS],
+    *[({"num_cpus": value}, "num_cpus must be a positive number") for value in NOT_POSITIVE_NUMBERS],
+    ({"max_restarts": -1}, "max_restarts must be an int >= 0"),
+    ({"start_timeout": 0}, "start_timeout must be a positive number"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), POOL_CASES, ids=_ids(POOL_CASES))
+def test_program_pool_refuses_bad_arguments_before_starting_actors(bad, message, lm, no_ray_work):
+    from dspy_anyscale.errors import ConfigurationError
+    from dspy_anyscale.ray import ProgramPool
+
+    with pytest.raises(ConfigurationError, match=message):
+        ProgramPool(**{"lm": lm, **bad})
+
+
+def test_a_ray_dataset_is_checked_against_its_known_columns(local_ray, lm):
+    from dspy_anyscale.errors import ConfigurationError
+    from dspy_anyscale.ray import run_program
+
+    data = ray.data.from_items([{"question": "q", "answer": "a"}])
+    with pytest.raises(ConfigurationError, match="input_keys names 'query', not a column"):
+        run_program(dspy.Predict("question -> answer"), data, lm=lm, input_keys=["query"])
+    with pytest.raises(ConfigurationError, match="pass input_keys"):
+        run_program(dspy.Predict("question -> answer"), data, lm=lm)
+
+
+@pytest.mark.parametrize(
+    ("results", "seconds", "message"),
+    [
+        ([{"error": None}], None, "results must be the ray.data.Dataset"),
+        ("dataset", None, "results must be the ray.data.Dataset"),
+        ("rows", -1, "seconds must be None or a number of seconds >= 0"),
+        ("rows", "3", "seconds must be None or a number of seconds >= 0"),
+        ("questions", None, "results must come from run_program or evaluate: it has no error"),
+    ],
+)
+def test_summarize_run_refuses_what_is_not_a_run(local_ray, results, seconds, message):
+    from dspy_anyscale.errors import ConfigurationError
+    from dspy_anyscale.ray import summarize_run
+
+    if results == "rows":
+        row = {"error": None, "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 0.0}
+        results = ray.data.from_items([row])
+    elif results == "questions":
+        results = ray.data.from_items([{"question": "q"}])
+    with pytest.raises(ConfigurationError, match=message):
+        summarize_run(results, seconds=seconds)
+
+
+def test_evaluate_names_an_unknown_option(lm, no_ray_work):
+    from dspy_anyscale.ray import evaluate
+
+    with pytest.raises(TypeError, match="concurency"):
+        evaluate(dspy.Predict("question -> answer"), examples(2), exact, lm=lm, concurency=2)
