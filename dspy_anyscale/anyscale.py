@@ -248,7 +248,6 @@ class Anyscale(HFModel):
             observers=(recorder,),
             max_retry_wait=settings.max_retry_wait,
         )
-        engine.recorder = recorder  # type: ignore[attr-defined]  # TRANSITIONAL: ray.py still reads it
         return engine, async_engine, recorder
 
     # --- what the instance is ---------------------------------------------------------------------
@@ -298,7 +297,11 @@ class Anyscale(HFModel):
         return self.engine.observers
 
     def _cost(self, usage: Mapping[str, Any]) -> float | None:
-        return self._recorder.cost(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        return self.cost_of(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+    def cost_of(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        """USD for these token counts at this LM's prices (``prices=``, else the catalogue); None if unknown."""
+        return self._recorder.cost(self.model, prompt_tokens, completion_tokens)
 
     @classmethod
     def models(

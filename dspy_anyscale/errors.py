@@ -9,8 +9,10 @@ Found before any network call, by this package (construction, argument checks)::
     │   └── MissingConfigurationError  no base URL / API key found (also DSPy's LMNotConfiguredError)
     ├── InvalidParameterError          a generation parameter of the wrong type or out of range (also a
     │                                  TypeError and a ValueError, as DSPy raises for bad arguments)
-    └── UnsupportedParameterError      a parameter this endpoint cannot carry (also a ValueError and
-                                       DSPy's LMUnsupportedFeatureError)
+    ├── UnsupportedParameterError      a parameter this endpoint cannot carry (also a ValueError and
+    │                                  DSPy's LMUnsupportedFeatureError)
+    └── PoolError                      a dspy_anyscale.ray.ProgramPool cannot run: closed, its workers did not
+                                       start, or all died (also a RuntimeError)
 
 Found while talking to the server. The engine raises ``dspy.lm15`` errors, the contract DSPy's
 retry loop reads; every DSPy call (``lm(...)``, ``await lm.acall(...)``, any module) re-raises
@@ -77,6 +79,7 @@ __all__ = [
     "LMUnsupportedFeatureError",
     "LMUnsupportedModelError",
     "MissingConfigurationError",
+    "PoolError",
     "UnexpectedResponseError",
     "UnsupportedParameterError",
 ]
@@ -110,6 +113,10 @@ class InvalidParameterError(AnyscaleError, TypeError, ValueError):
 
 class UnsupportedParameterError(AnyscaleError, LMUnsupportedFeatureError, ValueError):
     """A generation parameter this endpoint cannot carry; refused instead of being dropped."""
+
+
+class PoolError(AnyscaleError, RuntimeError):
+    """A :class:`dspy_anyscale.ray.ProgramPool` cannot run: it is closed, its workers did not start, or all died."""
 
 
 class UnexpectedResponseError(ProviderError):

@@ -177,12 +177,13 @@ def test_a_pool_owns_its_lm_adapter_and_sizes(pool):
 def test_the_key_travels_neither_with_the_pool_nor_with_a_run(pool):
     import cloudpickle
 
-    from dspy_anyscale.ray import _RunSpec, run_program
+    from dspy_anyscale.ray import run_program
+    from dspy_anyscale.ray._rows import RunSpec
 
     program = dspy.Predict("question -> answer")
     program.lm = pool.lm  # even an LM attached to the program
     assert SECRET not in repr(pool._lm_state)
-    spec = _RunSpec(program, ("question",), ("pred_answer",))
+    spec = RunSpec(program, ("question",), ("pred_answer",))
     assert SECRET.encode() not in cloudpickle.dumps((spec, pool._lm_state, pool.adapter))
     results = run_program(program, examples(10), pool=pool)
     assert all(row["error"] is None for row in results.take_all()), "workers read the key from their environment"

@@ -1,0 +1,41 @@
+"""Run a DSPy program over a Ray Dataset: ``pip install 'dspy-anyscale[ray]'``.
+
+    import ray
+    from dspy_anyscale.ray import ProgramPool, evaluate, run_program, summarize_run
+
+    ray.init()                                   # a laptop; ray.init(address="auto") on a cluster
+    results = run_program(program, dataset, lm=lm, input_keys=["question"], concurrency=4)
+    print(summarize_run(results))
+
+    with ProgramPool(lm=lm, concurrency=4) as pool:      # start the workers once ...
+        for candidate in candidates:                     # ... and run on them many times
+            score, scored = evaluate(candidate, devset, metric, pool=pool)
+
+Without a pool, each run builds a new Ray Data actor pool (seconds of start-up: each actor imports
+DSPy). A :class:`ProgramPool` starts its actors once and keeps them, with their LMs and connection
+pools, until it is closed; each run on it sends only the program (once, through the object store)
+and the rows.
+
+Each actor builds its own ``Anyscale`` LM once, from ``lm.dump_state()`` (never the key: every
+worker reads ``ANYSCALE_API_KEY`` from its own environment, or from a Ray runtime env you give it),
+keeps its connection pool, and runs rows on ``threads_per_actor`` threads. At most
+``concurrency * threads_per_actor`` requests are in flight, whatever the size of the dataset; 429s
+are retried by DSPy as everywhere else. A row that fails gets an ``error`` string, never stops the
+job, and is counted.
+
+Output rows: the input row's columns, the prediction's fields as ``pred_<field>``, ``error``
+(None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` and
+``latency_ms`` (and ``score`` from :func:`evaluate`), in completion order.
+
+Wrong arguments (types, values, input keys missing from the data) raise
+:class:`~dspy_anyscale.errors.ConfigurationError` before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+from ..errors import PoolError
+from ._pool import ProgramPool
+from ._rows import RunSummary
+from ._run import evaluate, run_program, summarize_run
+
+__all__ = ["PoolError", "ProgramPool", "RunSummary", "evaluate", "run_program", "summarize_run"]

@@ -1,0 +1,382 @@
+"""The warm pool: Ray actors started once and kept, each run sending only its program and rows."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+from ray.exceptions import ActorUnschedulableError, RayActorError, RayError
+
+from .. import _constants as C
+from ..anyscale import Anyscale
+from ..errors import ConfigurationError, PoolError
+from ._checks import check_adapter, check_lm, check_positive_ints, check_positive_number, fail
+from ._ray import ray
+from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, first_line, tally_of, to_block
+
+logger = logging.getLogger(C.LOGGER_NAME)
+
+# Batches a pool worker holds at once: the second fills its threads while the first one's last
+# rows finish, so a batch's tail never leaves threads idle. Requests in flight stay bounded by
+# the worker's threads, which both batches share.
+BATCHES_PER_WORKER = 2
+_POLL_SECONDS = 1.0  # how often a run looks at workers that are (re)starting
+DEFAULT_CONCURRENCY = 4
+DEFAULT_THREADS_PER_ACTOR = 8
+DEFAULT_NUM_CPUS = 0.25
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    actor: Any
+    ready_ref: Any | None  # set while the worker is starting
+    started: float
+    outstanding: int = 0
+    alone: bool = False  # running a retried batch, with nothing else beside it
+    dead: bool = False
+
+    @property
+    def up(self) -> bool:
+        return not self.dead and self.ready_ref is None and not self.alone
+
+
+class ProgramPool:
+    """Ray actors started once and kept, to run DSPy programs many times without paying their start-up.
+
+    ::
+
+        import dspy, ray
+        from dspy_anyscale import Anyscale
+        from dspy_anyscale.ray import ProgramPool, evaluate, run_program
+
+        ray.init()
+        lm = Anyscale("meta-llama/Llama-2-70b-chat-hf", use_chat_api=True)
+        with ProgramPool(lm=lm, adapter=dspy.JSONAdapter(), concurrency=4, threads_per_actor=8) as pool:
+            results = run_program(qa, devset, pool=pool)              # start-up paid once, in ProgramPool()
+            for candidate in candidates:                              # later runs start in milliseconds
+                score, scored = evaluate(candidate, devset, metric, pool=pool)
+
+    ``ProgramPool(...)`` starts ``concurrency`` actors and waits (up to ``start_timeout`` seconds)
+    until each has imported DSPy and built its LM from ``lm.dump_state()``; each reads the key
+    from its own environment, so a missing key fails here, with the worker's error. Each actor
+    reserves ``num_cpus`` (it waits on the network) and runs rows on ``threads_per_actor``
+    threads: at most ``concurrency * threads_per_actor`` requests are in flight.
+
+    The pool owns the LM and the adapter: a run on it uses them, so omit ``lm=`` and ``adapter=``
+    (passing the very same ones is accepted; different ones are refused with ``ConfigurationError``:
+    build another pool for another LM). The program is not the pool's: each run sends the program
+    as it is at that moment (new demos, new instructions), once, through the object store.
+
+    Runs on one pool execute one after another. A worker that dies (its process crashed, its node
+    went away) is replaced, at most ``max_restarts`` times over the pool's life, and the batches it
+    was running are retried once, each alone on a worker; a batch whose worker died again gets an
+    ``error`` in each of its rows (it is what killed them) and the run goes on. When no worker is
+    left, the run raises :class:`PoolError` and the pool refuses further work. ``close()`` (or
+    leaving the ``with`` block) stops the actors; it is idempotent, and a closed pool refuses work
+    with :class:`PoolError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        lm: Anyscale,
+        adapter: dspy.Adapter | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        threads_per_actor: int = DEFAULT_THREADS_PER_ACTOR,
+        num_cpus: float = DEFAULT_NUM_CPUS,
+        max_restarts: int = 3,
+        start_timeout: float = 300.0,
+    ) -> None:
+        check_lm(lm)
+        check_adapter(adapter)
+        check_positive_ints(concurrency=concurrency, threads_per_actor=threads_per_actor)
+        check_positive_number("num_cpus", num_cpus)
+        check_positive_number("start_timeout", start_timeout)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            fail("max_restarts", "an int >= 0", max_restarts)
+        self.lm, self.adapter = lm, adapter
+        self.concurrency, self.threads_per_actor, self.num_cpus = concurrency, threads_per_actor, num_cpus
+        self.max_restarts, self.start_timeout = max_restarts, float(start_timeout)
+        self.restarts = 0  # workers replaced so far
+        self._lm_state = lm.dump_state()
+        self._closed: str | None = None  # why the pool refuses work, once it does
+        self._lock = threading.Lock()
+        self._worker_class = ray.remote(PoolWorker).options(
+            num_cpus=num_cpus, max_concurrency=BATCHES_PER_WORKER, max_restarts=0, max_task_retries=0
+        )
+        started = time.perf_counter()
+        self._slots = [self._start(index) for index in range(concurrency)]
+        # A run ends in ray.data.from_arrow_refs, whose metadata tasks need a Ray worker process:
+        # start one now, while the actors import DSPy, rather than in the first run (~1.4 s).
+        ray.data.from_arrow_refs([ray.put(to_block([], ()))])
+        self._await_start()
+        logger.info("dspy_anyscale.ray: %r ready in %.2f s", self, time.perf_counter() - started)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> ProgramPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def close(self) -> None:
+        """Stop the actors (and their connection pools). Safe to call more than once."""
+        self._shutdown("it was closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{sum(not s.dead for s in self._slots)} workers"
+        return (
+            f"ProgramPool(model={self.lm.model!r}, concurrency={self.concurrency}, "
+            f"threads_per_actor={self.threads_per_actor}, {state})"
+        )
+
+    def _shutdown(self, reason: str) -> None:
+        if self._closed is None:
+            self._closed = reason
+        for slot in self._slots:
+            slot.dead = True
+            _kill(slot.actor)
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise PoolError(f"this ProgramPool refuses work: {self._closed}. Start a new ProgramPool(...).")
+
+    # --- workers -------------------------------------------------------------------------------------
+
+    def _start(self, index: int) -> _Slot:
+        actor = self._worker_class.remote(self._lm_state, self.adapter, self.threads_per_actor)
+        return _Slot(index, actor, actor.ready.remote(), time.monotonic())
+
+    def _await_start(self) -> None:
+        """Wait for the first workers; any failure here is a configuration problem, so it is raised."""
+        refs = [slot.ready_ref for slot in self._slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
+        try:
+            if len(ready) < len(refs):
+                raise PoolError(
+                    f"{len(refs) - len(ready)} of {len(refs)} pool workers did not start within "
+                    f"{self.start_timeout:g} s: does the cluster have num_cpus={self.num_cpus:g} free per worker?"
+                )
+            for slot in self._slots:
+                _get_ready(slot)
+        except BaseException:
+            self._shutdown("its workers did not start")
+            raise
+
+    def _starting(self) -> dict[Any, _Slot]:
+        return {slot.ready_ref: slot for slot in self._slots if slot.ready_ref is not None and not slot.dead}
+
+    def _on_started(self, slot: _Slot) -> None:
+        try:
+            _get_ready(slot)
+        except PoolError as exc:
+            self._worker_died(slot, slot.actor, exc)
+
+    def _expire_starting(self) -> None:
+        for slot in self._starting().values():
+            if time.monotonic() - slot.started > self.start_timeout:
+                self._worker_died(slot, slot.actor, PoolError(f"not started within {self.start_timeout:g} s"))
+
+    def _worker_died(self, slot: _Slot, actor: Any, exc: BaseException) -> None:
+        """Replace a dead worker (once per death: its other batches report the same death)."""
+        if slot.dead or slot.actor is not actor or self.closed:
+            return
+        slot.dead = True
+        _kill(actor)
+        replace = self.restarts < self.max_restarts
+        logger.warning(
+            "dspy_anyscale.ray: pool worker %d died (%s); %s",
+            slot.index,
+            first_line(exc),
+            "starting a replacement" if replace else f"not replaced (max_restarts={self.max_restarts} used up)",
+        )
+        if replace:
+            self.restarts += 1
+            self._slots[slot.index] = self._start(slot.index)
+
+    def _free_slot(self) -> _Slot | None:
+        free = [slot for slot in self._slots if slot.up and slot.outstanding < BATCHES_PER_WORKER]
+        return min(free, key=lambda slot: slot.outstanding) if free else None
+
+    def _idle_slot(self) -> _Slot | None:
+        return next((slot for slot in self._slots if slot.up and not slot.outstanding), None)
+
+    # --- runs ----------------------------------------------------------------------------------------
+
+    def _run(self, spec: RunSpec, batches: Iterator[Any]) -> tuple[list[Any], Tally]:
+        with self._lock:  # one run at a time: each run's back-pressure counts on all the workers
+            self._check_open()
+            try:
+                return _PoolRun(self, spec, batches).execute()
+            except PoolError as exc:
+                if not any(not slot.dead for slot in self._slots):
+                    self._shutdown(f"all its workers died ({exc})")
+                raise
+
+    def _check_run_settings(self, lm: Any, adapter: Any, **settings: Any) -> None:
+        """The rule for ``run_program(..., pool=pool)``: the pool's LM, adapter and sizes, or nothing."""
+        if lm is not None and lm is not self.lm and (not isinstance(lm, Anyscale) or lm.dump_state() != self._lm_state):
+            raise ConfigurationError(
+                f"lm: this pool's workers run {self.lm!r}; omit lm= with pool= (or pass that same LM). "
+                "For another LM, start another ProgramPool(lm=...)."
+            )
+        if adapter is not None and not _same_adapter(adapter, self.adapter):
+            raise ConfigurationError(
+                f"adapter: this pool's workers use {self.adapter!r}; omit adapter= with pool= (or pass that same "
+                "adapter). For another adapter, start another ProgramPool(adapter=...)."
+            )
+        for name, value in settings.items():
+            if value is not None and value != getattr(self, name):
+                raise ConfigurationError(
+                    f"{name}={value!r}: with pool= the pool's {name}={getattr(self, name)!r} applies; omit it"
+                )
+
+
+@dataclass(eq=False)
+class _Batch:
+    rows: Any  # a list of dicts or a pyarrow Table
+    ref: Any = None  # put once, so a retry does not send the rows again
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Task:
+    batch: _Batch
+    slot: _Slot
+    actor: Any
+    block_ref: Any
+
+
+class _PoolRun:
+    """One run on a pool: hands batches to free workers, collects the result blocks as they complete."""
+
+    def __init__(self, pool: ProgramPool, spec: RunSpec, batches: Iterator[Any]) -> None:
+        self.pool, self.spec, self.batches = pool, spec, batches
+        self.run_id = uuid.uuid4().hex
+        self.spec_ref = [ray.put(spec)]  # the program travels once per run, not once per batch
+        self.retries: deque[_Batch] = deque()
+        self.pending: dict[Any, _Task] = {}  # tally ref -> task
+        self.blocks: list[Any] = []
+        self.tally = Tally()
+        self.more = True  # batches left in the input
+
+    def execute(self) -> tuple[list[Any], Tally]:
+        try:
+            return self._loop()
+        except BaseException:
+            self._cancel()  # Ctrl-C or a failed run: leave the workers free for the next one
+            raise
+
+    def _loop(self) -> tuple[list[Any], Tally]:
+        while True:
+            self.pool._check_open()  # closed from another thread while this run waited
+            self._submit()
+            if not self.pending and not self.retries and not self.more:
+                return self.blocks, self.tally
+            starting = self.pool._starting()
+            if not self.pending and not starting:
+                raise PoolError("no pool worker is left to run the remaining rows (every worker died)")
+            done, _ = ray.wait([*self.pending, *starting], num_returns=1, timeout=_POLL_SECONDS)
+            for ref in done:
+                if ref in self.pending:
+                    self._collect(ref)
+                else:
+                    self.pool._on_started(starting[ref])
+            self.pool._expire_starting()
+
+    def _cancel(self) -> None:
+        for ref in self.pending:
+            try:
+                ray.cancel(ref)
+            except Exception:  # a task that just finished, a worker already gone: nothing to cancel
+                logger.debug("dspy_anyscale.ray: could not cancel %s", ref, exc_info=True)
+
+    def _submit(self) -> None:
+        while True:
+            if self.retries:
+                # A batch whose worker died runs again alone on an idle worker: if that worker dies
+                # too, this batch killed it, not a batch beside it. New batches wait meanwhile.
+                if (slot := self.pool._idle_slot()) is None:
+                    return
+                self._send(self.retries.popleft(), slot, alone=True)
+            elif (slot := self.pool._free_slot()) is not None and (batch := self._next_batch()) is not None:
+                self._send(batch, slot, alone=False)
+            else:
+                return
+
+    def _send(self, batch: _Batch, slot: _Slot, *, alone: bool) -> None:
+        batch.attempts += 1
+        if batch.ref is None:
+            batch.ref = ray.put(batch.rows)
+        call = slot.actor.run_batch.options(num_returns=2)
+        block_ref, tally_ref = call.remote(self.run_id, self.spec_ref, batch.ref)
+        self.pending[tally_ref] = _Task(batch, slot, slot.actor, block_ref)
+        slot.outstanding += 1
+        slot.alone = alone
+
+    def _next_batch(self) -> _Batch | None:
+        if self.more:
+            rows = next(self.batches, None)
+            if rows is not None:
+                return _Batch(rows)
+            self.more = False
+        return None
+
+    def _collect(self, ref: Any) -> None:
+        task = self.pending.pop(ref)
+        if task.slot.actor is task.actor:
+            task.slot.outstanding -= 1
+            task.slot.alone = False
+        try:
+            self.tally.add(ray.get(ref))
+            self.blocks.append(task.block_ref)
+        except (RayActorError, ActorUnschedulableError) as exc:
+            self.pool._worker_died(task.slot, task.actor, exc)
+            self._retry_or_fail(task.batch, exc)
+        except RayError as exc:  # not a row's failure (those are caught in the row): the run cannot go on
+            raise PoolError(f"a batch failed on pool worker {task.slot.index}: {first_line(exc)}") from exc
+
+    def _retry_or_fail(self, batch: _Batch, exc: BaseException) -> None:
+        if batch.attempts < 2:
+            self.retries.append(batch)
+            return
+        # Twice is enough: a row that kills its worker would kill every replacement.
+        error = f"{type(exc).__name__}: the pool worker running this row's batch died (twice); see Ray's logs"
+        rows = [{**row, **failed_row(error, self.spec), "latency_ms": None} for row in as_rows(batch.rows)]
+        self.tally.add(tally_of(rows))
+        self.blocks.append(ray.put(to_block(rows, self.spec.output_columns)))
+
+
+def _get_ready(slot: _Slot) -> None:
+    """The worker's start-up result; a failure (the LM could not be built, ...) as a PoolError."""
+    try:
+        ray.get(slot.ready_ref)
+    except RayError as exc:
+        raise PoolError(
+            f"pool worker {slot.index} failed to start: {first_line(exc, last=True)} (a worker builds its LM from "
+            "lm.dump_state() and reads ANYSCALE_API_KEY from its own environment: set it before ray.init(), "
+            "or in a runtime_env)"
+        ) from exc
+    slot.ready_ref = None
+
+
+def _kill(actor: Any) -> None:
+    if ray.is_initialized():
+        ray.kill(actor, no_restart=True)
+
+
+def _same_adapter(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and vars(a) == vars(b))

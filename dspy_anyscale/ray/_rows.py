@@ -1,0 +1,227 @@
+"""Inside a worker: running one row of a program with the worker's LM, and shaping the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+from ray.data.block import BlockAccessor
+
+from ..anyscale import Anyscale
+from ..usage import usage_totals
+from ._ray import ray
+
+PREDICTION_PREFIX = "pred_"
+USAGE_COLUMNS = ("error", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms")
+Metric = Callable[[dspy.Example, dspy.Prediction], float | bool]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    rows: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    seconds: float | None = None
+    score: float | None = None
+
+    @property
+    def rows_per_second(self) -> float | None:
+        return self.rows / self.seconds if self.seconds else None
+
+    def __str__(self) -> str:
+        cost = f"${self.cost_usd:.6f}" if self.cost_usd is not None else "cost unknown"
+        speed = f", {self.rows_per_second:.1f} rows/s" if self.rows_per_second else ""
+        score = f", score {self.score}" if self.score is not None else ""
+        return (
+            f"{self.rows} rows, {self.errors} errors, {self.prompt_tokens} prompt + {self.completion_tokens} "
+            f"completion tokens, {cost}{speed}{score}"
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run sends its workers once: the program as it is now, and how to read its rows."""
+
+    program: dspy.Module
+    input_keys: tuple[str, ...]
+    output_columns: tuple[str, ...]
+    metric: Metric | None = None
+    failure_score: float = 0.0
+
+
+class RowRunner:
+    """Runs one row of a run with a worker's LM: the prediction, its usage, its score or its error."""
+
+    def __init__(self, spec: RunSpec, lm: Anyscale, adapter: dspy.Adapter | None) -> None:
+        self.spec = spec
+        self.lm = lm
+        self.adapter = adapter
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        spec = self.spec
+        started = time.perf_counter()
+        out: dict[str, Any] = dict(row)
+        try:
+            with dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True):
+                prediction = spec.program(**{key: row[key] for key in spec.input_keys})
+            out.update({PREDICTION_PREFIX + key: plain(value) for key, value in prediction.items()})
+            out.update(self._usage(prediction.get_lm_usage() or {}))
+            out["error"] = None
+            if spec.metric is not None:
+                out["score"] = float(spec.metric(example_of(row, spec.input_keys), prediction))
+        except Exception as exc:  # one bad row never stops the job: it is reported in its own row
+            out.update(failed_row(f"{type(exc).__name__}: {exc}", spec))
+        out["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return out
+
+    def _usage(self, usage: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        if not usage:  # every LM call was answered from DSPy's cache
+            return {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        prompt, completion = usage_totals(usage)  # None when the server did not send the counts
+        cost = self.lm.cost_of(prompt, completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost}
+
+
+def worker_lm(lm_state: Mapping[str, Any], threads: int) -> Anyscale:
+    # The state has no key: load_state finds it in this worker's environment.
+    return Anyscale.load_state({**lm_state, "pool_size": max(threads, 1)})
+
+
+class ProgramActor:
+    """One per slot of a Ray Data actor pool (a run without ``pool=``): builds the LM once, runs rows on threads."""
+
+    def __init__(self, spec: RunSpec, lm_state: dict[str, Any], adapter: dspy.Adapter | None, threads: int) -> None:
+        self.runner = RowRunner(spec, worker_lm(lm_state, threads), adapter)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dspy-anyscale-row")
+
+    def __call__(self, batch: Any) -> dict[str, list[Any]]:
+        rows = batch.to_pylist()  # a pyarrow Table: nulls stay None (numpy would make them NaN)
+        return columns_of(list(self.pool.map(self.runner, rows)), self.runner.spec.output_columns)
+
+
+class PoolWorker:
+    """One actor of a :class:`ProgramPool`: the LM and threads live as long as the pool; programs come per run."""
+
+    def __init__(self, lm_state: dict[str, Any], adapter: dspy.Adapter | None, threads: int) -> None:
+        self.lm = worker_lm(lm_state, threads)
+        self.adapter = adapter
+        self.rows = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dspy-anyscale-row")
+        self._runners: dict[str, RowRunner] = {}
+        self._lock = threading.Lock()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run_batch(self, run_id: str, spec_ref: list[Any], rows: Any) -> tuple[Any, dict[str, Any]]:
+        """The batch's output block and its tally. ``spec_ref`` is ``[ObjectRef]``: nested, so Ray
+        does not fetch and unpickle the program again for every batch of the run."""
+        runner = self._runner(run_id, spec_ref[0])
+        results = list(self.rows.map(runner, as_rows(rows)))
+        return to_block(results, runner.spec.output_columns), tally_of(results)
+
+    def _runner(self, run_id: str, spec_ref: Any) -> RowRunner:
+        with self._lock:
+            if run_id not in self._runners:
+                # Only the current run's program is kept: an optimizer's old candidates are dropped.
+                self._runners = {run_id: RowRunner(ray.get(spec_ref), self.lm, self.adapter)}
+            return self._runners[run_id]
+
+
+@dataclass
+class Tally:
+    """Running totals of a run's rows; workers send one per batch, so a summary needs no second pass."""
+
+    rows: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    unknown_cost: int = 0
+    score: float = 0.0
+
+    def add(self, counts: Mapping[str, Any]) -> None:
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def summary(self, *, seconds: float | None, scored: bool) -> RunSummary:
+        return RunSummary(
+            rows=self.rows,
+            errors=self.errors,
+            prompt_tokens=int(self.prompt_tokens),
+            completion_tokens=int(self.completion_tokens),
+            cost_usd=None if self.unknown_cost else float(self.cost_usd),
+            seconds=seconds,
+            score=round(100 * self.score / self.rows, 2) if scored and self.rows else None,
+        )
+
+
+def tally_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
+        "rows": len(rows),
+        "errors": sum(row["error"] is not None for row in rows),
+        "prompt_tokens": sum(row["prompt_tokens"] or 0 for row in rows),
+        "completion_tokens": sum(row["completion_tokens"] or 0 for row in rows),
+        "cost_usd": sum(row["cost_usd"] or 0.0 for row in rows),
+        "unknown_cost": sum(row["cost_usd"] is None for row in rows),
+        "score": sum(row.get("score") or 0.0 for row in rows),
+    }
+
+
+def failed_row(message: str, spec: RunSpec) -> dict[str, Any]:
+    failed: dict[str, Any] = {"error": message, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+    if spec.metric is not None:
+        failed["score"] = spec.failure_score
+    return failed
+
+
+def to_block(rows: list[dict[str, Any]], always: Sequence[str]) -> Any:
+    """An Arrow block, converted as Ray Data converts a ``map_batches`` output."""
+    return BlockAccessor.batch_to_block(columns_of(rows, always))
+
+
+def as_rows(rows: Any) -> list[dict[str, Any]]:
+    # A pyarrow Table: nulls stay None (numpy would make them NaN).
+    return rows.to_pylist() if hasattr(rows, "to_pylist") else list(rows)
+
+
+def first_line(exc: BaseException, *, last: bool = False) -> str:
+    """Ray's errors run over many lines (tracebacks, ids); a log line or a message needs one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if last else lines[0]
+
+
+def output_columns(program: dspy.Module, metric: Metric | None) -> list[str]:
+    """Columns every output batch has, even one whose rows all failed: the last predictor's outputs."""
+    predictors = program.predictors()
+    fields = list(predictors[-1].signature.output_fields) if predictors else []
+    return [PREDICTION_PREFIX + name for name in fields] + list(USAGE_COLUMNS) + (["score"] if metric else [])
+
+
+def columns_of(rows: list[dict[str, Any]], always: Sequence[str]) -> dict[str, list[Any]]:
+    keys = list(dict.fromkeys([*(key for row in rows for key in row), *always]))  # failed rows lack pred_ fields
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
+def example_of(row: Mapping[str, Any], input_keys: Sequence[str]) -> dspy.Example:
+    return dspy.Example(**row).with_inputs(*input_keys)
+
+
+def plain(value: Any) -> Any:
+    """A value Arrow can store: primitives as they are, anything else as JSON text."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    try:
+        return json.dumps(value.model_dump() if hasattr(value, "model_dump") else value, default=str)
+    except (TypeError, ValueError):
+        return str(value)
