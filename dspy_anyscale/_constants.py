@@ -82,3 +82,42 @@ NON_ROUTING_HEADERS = frozenset(
         "x-request-id",
     }
 )
+
+# === Client-side limits (dspy_anyscale.limits) =====================================================
+# --- Limits: Rate buckets --------------------------------------------------------------------------------
+# A bucket holds one second's worth of its per-minute rate, so a burst after a quiet spell is at
+# most one second of traffic, never a whole minute's.
+BUCKET_SECONDS = 1.0
+# The request bucket always holds at least one request, or requests_per_minute < 60 could never send.
+MIN_REQUEST_BUCKET = 1.0
+# Refill arithmetic in floats leaves crumbs: a level this close to what is needed counts as enough.
+LEVEL_EPSILON = 1e-9
+
+# --- Limits: Shared cool-down after a 429 --------------------------------------------------------------------
+# A 429 without Retry-After still pauses every caller this long (DSPy's first backoff is 1 s too).
+DEFAULT_COOLDOWN_S = 1.0
+# A Retry-After longer than this is capped: a broken header must not park the LM for hours.
+MAX_COOLDOWN_S = 600.0
+
+# --- Limits: Money -----------------------------------------------------------------------------------------
+# Money is kept in integer pico-USD: sums of floats drift, and "spent never exceeds the budget"
+# must hold exactly, not within rounding. 1 token at 0.15 USD per million tokens is 150_000 pico-USD.
+PICO_PER_USD = 10**12
+TOKENS_PER_PRICE_UNIT = 10**6  # prices are USD per million tokens
+
+# --- Limits: Prompt-token estimate (no tokenizer) ------------------------------------------------------------
+# Measured against Llama 2/3, GPT-2, Phi-3, Qwen2, DeepSeek and Claude tokenizers: ASCII letters and
+# spaces run 3.3-4.3 characters per token in prose, code and JSON; Llama 2 spends a token on every
+# digit and newline; byte-level tokenizers spend at most one token per UTF-8 byte. Counting letters
+# at 3 per token, every other ASCII character as a token and every non-ASCII byte as a token errs
+# high: 1.3-1.8x the real count on natural text, and above it on every adversarial sample checked.
+ESTIMATE_LETTERS_PER_TOKEN = 3
+# Chat templates add role markers around each message (Llama 2 [INST]/<<SYS>>, ChatML, Llama 3
+# headers: 4-10 tokens) and a BOS plus the assistant header to the request.
+ESTIMATE_TOKENS_PER_MESSAGE = 8
+ESTIMATE_TOKENS_PER_REQUEST = 8
+
+# --- Limits: Ray ledger --------------------------------------------------------------------------------------
+# The ledger actor only does bookkeeping: it must not hold a CPU that the job's actors need.
+RAY_LEDGER_NUM_CPUS = 0.0
+RAY_LEDGER_NAME_PREFIX = "dspy-anyscale-ledger"

@@ -7,7 +7,9 @@ usage, callbacks); an engine turns one ``dspy.lm15.Request`` into one ``Response
 * tells the observers (usage records, tracing) what each HTTP exchange did;
 * speaks the server's JSON-mode dialect (a refusal of the OpenAI form is resent at once in the
   Anyscale form and remembered; see :mod:`._dialects`), which is not a DSPy retry;
-* refuses to let DSPy wait longer than ``max_retry_wait`` because a server said so.
+* refuses to let DSPy wait longer than ``max_retry_wait`` because a server said so;
+* takes a permit from the LM's limiter before sending (concurrency, rates, budget; a no-op when
+  no limit is set) and books the answer's real usage against it.
 
 The sync and async engines share all of it; only the I/O differs.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractContextManager, AsyncExitStack, ExitStack
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from dspy import lm15
 from dspy.clients.engines.base import validate_request
@@ -33,7 +35,11 @@ from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
 from ._transport import AsyncTransport, JsonReply, StreamReply, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
+from .catalog import Prices
 from .errors import RetryWaitTooLongError
+from .limits import UNLIMITED, Estimate, Limiter, Permit, UnlimitedLimiter
+
+_E = TypeVar("_E", bound="_EngineBase")
 
 
 class _EngineBase:
@@ -50,11 +56,15 @@ class _EngineBase:
         observers: tuple[Observer, ...] = (),
         headers: Mapping[str, str] | None = None,
         max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
+        limiter: Limiter | UnlimitedLimiter = UNLIMITED,
+        prices: Prices | None = None,
     ) -> None:
         self.transport = transport
         self.options = options
         self.observers = observers
         self.max_retry_wait = max_retry_wait
+        self.limiter = limiter  # shared by the pair and by every copy of the LM: one ledger
+        self.prices = prices  # for the worst case a budget reserves
         # What besides the call decides the answer: DSPy's cache key gets it, and the dialect memo is keyed on it.
         self.cache_identity = cache_identity(transport.endpoint.base_url, options, headers or {})
 
@@ -86,6 +96,10 @@ class _EngineBase:
         style = MEMO.style(self.cache_identity, self.options.response_format_style)
         return build_call(request, self.options, stream=stream, style=style)
 
+    def _estimate(self, call: WireCall) -> Estimate | None:
+        """The request's worst case, when a limit needs one (a budget, a token rate)."""
+        return Estimate.for_payload(call.payload, self.prices) if self.limiter.needs_estimate else None
+
     def _url(self, call: WireCall) -> str:
         return self.transport.endpoint.url(call.path)
 
@@ -116,12 +130,15 @@ class _EngineBase:
             raise RetryWaitTooLongError(error, limit=self.max_retry_wait) from error
         raise error
 
-    def _answered(self, scope: AttemptScope | None, reply: JsonReply, call: WireCall, request: Request) -> Response:
+    def _answered(
+        self, scope: AttemptScope | None, permit: Permit, reply: JsonReply, call: WireCall, request: Request
+    ) -> Response:
         if scope is not None:
             scope.replied(reply.status, reply.request_id)
         response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        usage = response.usage
+        permit.settle(usage.input_tokens, usage.output_tokens)
         if scope is not None:
-            usage = response.usage
             scope.succeeded(
                 usage.input_tokens, usage.output_tokens, response.model, response.finish_reason, response.text
             )
@@ -136,17 +153,20 @@ class _EngineBase:
             scope.replied(reply.status, reply.request_id)
 
     @staticmethod
-    def _events(scope: AttemptScope | None, events: list[Any]) -> list[Any]:
-        if events and scope is not None:
-            scope.first_token()
+    def _events(scope: AttemptScope | None, permit: Permit, events: list[Any]) -> list[Any]:
+        if events:
+            permit.answer_started()  # from now on a failure may have been billed
+            if scope is not None:
+                scope.first_token()
         return events
 
     @staticmethod
-    def _ended(scope: AttemptScope | None, translator: StreamTranslator) -> list[Any]:
+    def _ended(scope: AttemptScope | None, permit: Permit, translator: StreamTranslator) -> list[Any]:
         end = translator.finish()
+        final = end[-1]
+        usage = final.usage or lm15.Usage()
+        permit.settle(usage.input_tokens, usage.output_tokens)
         if scope is not None:
-            final = end[-1]
-            usage = final.usage or lm15.Usage()
             scope.succeeded(
                 usage.input_tokens, usage.output_tokens, translator.model, final.finish_reason, translator.text
             )
@@ -182,14 +202,15 @@ class AnyscaleEngine(_EngineBase):
 
     def complete(self, request: Request) -> Response:
         call = self._call(request)
-        with self._observed(call, request) as scope:
+        # The permit first: time queued behind the limiter is not the server's latency.
+        with self.limiter.acquire(self._estimate(call)) as permit, self._observed(call, request) as scope:
             try:
                 reply = self.transport.request_json("POST", call.path, call.payload)
             except lm15.LM15Error as refusal:
                 resend = self._resend_for(call, request, refusal)
                 reply, call = self._send_or_raise(resend), resend
                 self._learned(call, refusal)
-            return self._answered(scope, reply, call, request)
+            return self._answered(scope, permit, reply, call, request)
 
     def _send_or_raise(self, call: WireCall) -> JsonReply:
         try:
@@ -199,7 +220,11 @@ class AnyscaleEngine(_EngineBase):
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self._call(request, stream=True)
-        with self._observed(call, request, stream=True) as scope, ExitStack() as stack:
+        with (
+            self.limiter.acquire(self._estimate(call)) as permit,
+            self._observed(call, request, stream=True) as scope,
+            ExitStack() as stack,
+        ):
             try:
                 reply = stack.enter_context(self.transport.stream(call.path, call.payload))
             except lm15.LM15Error as refusal:
@@ -210,8 +235,8 @@ class AnyscaleEngine(_EngineBase):
             translator = self._translator(call, request)
             with translator.interruptions():
                 for event in iter_sse(reply.chunks):
-                    yield from self._events(scope, translator.feed(event))
-            end = self._ended(scope, translator)
+                    yield from self._events(scope, permit, translator.feed(event))
+            end = self._ended(scope, permit, translator)
         yield from end
 
     def _open_or_raise(self, stack: ExitStack, call: WireCall) -> StreamReply:
@@ -231,14 +256,15 @@ class AsyncAnyscaleEngine(_EngineBase):
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
-        with self._observed(call, request) as scope:
+        permit = await self.limiter.aacquire(self._estimate(call))
+        with permit, self._observed(call, request) as scope:  # nothing awaited between: the permit is always freed
             try:
                 reply = await self.transport.request_json("POST", call.path, call.payload)
             except lm15.LM15Error as refusal:
                 resend = self._resend_for(call, request, refusal)
                 reply, call = await self._send_or_raise(resend), resend
                 self._learned(call, refusal)
-            return self._answered(scope, reply, call, request)
+            return self._answered(scope, permit, reply, call, request)
 
     async def _send_or_raise(self, call: WireCall) -> JsonReply:
         try:
@@ -248,7 +274,8 @@ class AsyncAnyscaleEngine(_EngineBase):
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self._call(request, stream=True)
-        with self._observed(call, request, stream=True) as scope:
+        permit = await self.limiter.aacquire(self._estimate(call))
+        with permit, self._observed(call, request, stream=True) as scope:
             async with AsyncExitStack() as stack:
                 try:
                     reply = await stack.enter_async_context(self.transport.stream(call.path, call.payload))
@@ -260,9 +287,9 @@ class AsyncAnyscaleEngine(_EngineBase):
                 translator = self._translator(call, request)
                 with translator.interruptions():
                     async for event in aiter_sse(reply.chunks):
-                        for item in self._events(scope, translator.feed(event)):
+                        for item in self._events(scope, permit, translator.feed(event)):
                             yield item
-                end = self._ended(scope, translator)
+                end = self._ended(scope, permit, translator)
         for item in end:
             yield item
 
@@ -285,11 +312,24 @@ def make_engines(
     pool_size: int = C.DEFAULT_POOL_SIZE,
     observers: tuple[Observer, ...] = (),
     max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
+    limiter: Limiter | UnlimitedLimiter = UNLIMITED,
+    prices: Prices | None = None,
 ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
-    """The sync/async engine pair for one endpoint, each with its own connection pool, sharing observers."""
-    shared = {"observers": observers, "headers": headers, "max_retry_wait": max_retry_wait}
-    sync = AnyscaleEngine(SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, **shared)
-    async_ = AsyncAnyscaleEngine(
-        AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size), options, **shared
+    """The sync/async engine pair for one endpoint, each with its own connection pool, sharing the
+    observers and the limiter (sync calls, async calls and streams count together)."""
+
+    def engine(cls: type[_E], transport: SyncTransport | AsyncTransport) -> _E:
+        return cls(
+            transport,
+            options,
+            observers=observers,
+            headers=headers,
+            max_retry_wait=max_retry_wait,
+            limiter=limiter,
+            prices=prices,
+        )
+
+    return (
+        engine(AnyscaleEngine, SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)),
+        engine(AsyncAnyscaleEngine, AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)),
     )
-    return sync, async_

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -25,8 +25,11 @@ from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
 from .errors import ConfigurationError
 from .hf_model import HFModel
+from .limits import Limiter, Limits, SpendReport, UnlimitedLimiter
 from .usage import UsageRecord, UsageRecorder
 
+# The limiter's constructor options (Limits' fields, in its order).
+LIMIT_OPTIONS = tuple(f.name for f in fields(Limits))
 # Constructor settings that change the connection or the wire: copy() builds new engines for them.
 _REBUILD_KEYS = frozenset(
     {
@@ -44,6 +47,7 @@ _REBUILD_KEYS = frozenset(
         "prices",
         "usage_log",
         "max_retry_wait",
+        *LIMIT_OPTIONS,
     }
 )
 # In saved state: names of headers whose secret values were not saved (restored from the environment).
@@ -62,6 +66,7 @@ class _Settings:
     prices: Prices | None = None
     usage_log: str | None = None
     max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT
+    limits: Limits = field(default_factory=Limits)
     # Names of secret headers left out of a saved or pickled copy, to be read back from the environment.
     dropped_headers: tuple[str, ...] = ()
 
@@ -115,6 +120,21 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
 _STYLES = ("auto", "openai", "anyscale")
 
 
+def _check_limits(settings: _Settings, model: str, max_tokens: int | None) -> None:
+    """What a budget or a token rate needs to know a request's worst case: prices and max_tokens."""
+    limits = settings.limits
+    if limits.budget_usd is not None and UsageRecorder(prices=settings.prices).costs.price(model) is None:
+        raise ConfigurationError(
+            f"budget_usd needs prices to know what a request can cost: pass prices={{'input': ..., 'output': ...}} "
+            f"(USD per million tokens); {model!r} is not in the built-in catalogue"
+        )
+    if (limits.budget_usd is not None or limits.tokens_per_minute is not None) and max_tokens is None:
+        raise ConfigurationError(
+            "budget_usd and tokens_per_minute reserve each request's worst case, prompt + max_tokens: "
+            "set max_tokens (not None)"
+        )
+
+
 def _check_seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= C.MAX_TIMEOUT:
         raise ConfigurationError(f"{name} must be a number of seconds from 0 to {C.MAX_TIMEOUT:g}, got {value!r}")
@@ -162,6 +182,15 @@ class Anyscale(HFModel):
         usage_log: a JSON-lines file that gets one usage record per call; else ``ANYSCALE_USAGE_LOG``.
         max_retry_wait: the longest ``Retry-After`` (seconds) DSPy may wait before a retry; a 429 or 5xx
             asking for more fails the call at once (``LMRateLimitError`` / ``LMServerError``).
+        max_concurrency: at most this many requests of this LM (and its copies) in flight at once;
+            more callers queue in order.
+        requests_per_minute, tokens_per_minute: client-side rate limits (token buckets holding one
+            second's worth); tokens are reserved as prompt estimate + ``max_tokens`` and corrected
+            with the server's counts.
+        budget_usd: a hard cap on spend: a request whose worst case could take the total over it is
+            refused with ``BudgetExceededError`` before it is sent. Needs prices (``prices=`` or the
+            catalogue). ``max_requests``: the same cap counted in requests. With any limit set, a
+            429's ``Retry-After`` holds every caller of this LM. ``lm.spending()`` reports the ledger.
         temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
         **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
             DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
@@ -186,6 +215,11 @@ class Anyscale(HFModel):
         prices: Mapping[str, float] | Prices | None = None,
         usage_log: str | os.PathLike[str] | None = None,
         max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
+        max_concurrency: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        budget_usd: float | None = None,
+        max_requests: int | None = None,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
         cache: bool = True,
@@ -215,10 +249,13 @@ class Anyscale(HFModel):
             prices=Prices.parse(prices) if prices is not None else None,
             usage_log=resolve_usage_log(usage_log),
             max_retry_wait=_check_seconds("max_retry_wait", max_retry_wait),
+            limits=Limits(max_concurrency, requests_per_minute, tokens_per_minute, budget_usd, max_requests),
         )
         _check_count("num_retries", num_retries, 0)
         check_value("cache", cache)
-        engine, async_engine, self._recorder = self._connect(settings, api_key)
+        _check_limits(settings, model, max_tokens)
+        self._limiter = Limiter.for_limits(settings.limits)
+        engine, async_engine, self._recorder = self._connect(settings, api_key, model, self._limiter)
         self._settings = settings
         super().__init__(
             model,
@@ -235,7 +272,9 @@ class Anyscale(HFModel):
         plan_direct_call(self.kwargs, {})  # refuse invalid defaults now, not on the first call
 
     @staticmethod
-    def _connect(settings: _Settings, api_key: str | None) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
+    def _connect(
+        settings: _Settings, api_key: str | None, model: str, limiter: Limiter | UnlimitedLimiter
+    ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
         """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
         recorder = UsageRecorder(prices=settings.prices, log_path=settings.usage_log)
@@ -247,6 +286,8 @@ class Anyscale(HFModel):
             pool_size=settings.pool_size,
             observers=(recorder,),
             max_retry_wait=settings.max_retry_wait,
+            limiter=limiter,
+            prices=recorder.costs.price(model),
         )
         return engine, async_engine, recorder
 
@@ -298,6 +339,15 @@ class Anyscale(HFModel):
 
     def _cost(self, usage: Mapping[str, Any]) -> float | None:
         return self.cost_of(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+    @property
+    def limiter(self) -> Limiter | UnlimitedLimiter:
+        """The limits ledger this LM and its copies share (``Limiter.disabled()`` when no limit is set)."""
+        return self._limiter
+
+    def spending(self) -> SpendReport:
+        """What this LM and its copies have spent, reserved and have left: USD, requests, tokens, refusals."""
+        return self._limiter.report()
 
     def cost_of(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
         """USD for these token counts at this LM's prices (``prices=``, else the catalogue); None if unknown."""
@@ -363,6 +413,7 @@ class Anyscale(HFModel):
             args["prices"] = {"input": settings.prices.input, "output": settings.prices.output}
         if settings.max_retry_wait != C.DEFAULT_MAX_RETRY_WAIT:
             args["max_retry_wait"] = settings.max_retry_wait
+        args.update(settings.limits.as_kwargs())  # a loaded program starts a ledger of its own
         if settings.usage_log is not None:
             args["usage_log"] = settings.usage_log
         return args
@@ -400,7 +451,14 @@ class Anyscale(HFModel):
         args.setdefault("api_key", self.engine.transport.endpoint.api_key or "")
         new = type(self)(**args)
         new.callbacks = list(self.callbacks)
+        if not set(rebuild) & set(LIMIT_OPTIONS):
+            new._share_limiter(self._limiter)  # a copy counts against the same ledger
         return new.copy(**kwargs) if kwargs else new
+
+    def _share_limiter(self, limiter: Limiter | UnlimitedLimiter) -> None:
+        self._limiter = limiter
+        for engine in (self._engine_spec, self._async_engine_spec):
+            engine.limiter = limiter
 
     def _is_connection_setting(self, key: str) -> bool:
         """True for constructor settings DSPy's copy() cannot apply: ours, and provider extras."""
@@ -419,7 +477,11 @@ class Anyscale(HFModel):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._settings = self._settings.restored()
-        self._engine_spec, self._async_engine_spec, self._recorder = self._connect(self._settings, None)
+        # The limiter came through the pickle: a shared (Ray) ledger's handle, or a detached local one
+        # that refuses to send until attached; never a fresh budget of its own.
+        self._engine_spec, self._async_engine_spec, self._recorder = self._connect(
+            self._settings, None, self.model, self._limiter
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Anyscale:
         # A deep copy is a new LM on the same connection (like copy()), not a re-read of the

@@ -34,6 +34,11 @@ them as DSPy's public errors, with the lm15 error as ``__cause__``::
     429/5xx asking to wait longer than    RetryWaitTooLongError        LMRateLimitError /       failed at once
       max_retry_wait (default 60 s)         (internal)                   LMServerError
 
+Refused by the client's own limits before anything is sent (DSPy's LMError, never retried)::
+
+    BudgetExceededError     the request's worst case could take spend over budget_usd (or max_requests)
+    LimiterTimeoutError     a caller's own wait limit passed while queued for a slot or a rate bucket
+
 All of DSPy's classes are re-exported here, so ``from dspy_anyscale.errors import LMRateLimitError``
 works. No message ever contains the API key.
 """
@@ -61,6 +66,7 @@ from dspy.utils.exceptions import (
 
 __all__ = [
     "AnyscaleError",
+    "BudgetExceededError",
     "ConfigurationError",
     "ContextWindowExceededError",
     "InvalidParameterError",
@@ -78,6 +84,7 @@ __all__ = [
     "LMUnexpectedError",
     "LMUnsupportedFeatureError",
     "LMUnsupportedModelError",
+    "LimiterTimeoutError",
     "MissingConfigurationError",
     "PoolError",
     "UnexpectedResponseError",
@@ -127,6 +134,50 @@ class UnexpectedResponseError(ProviderError):
     """
 
     default_code = "unexpected_response"
+
+
+class BudgetExceededError(LMError):
+    """A request was refused before it was sent: its worst case could take spending over a cap.
+
+    ``limit`` is ``"budget_usd"`` or ``"max_requests"``. The USD figures are what the ledger held
+    when it refused: ``spent_usd`` (answered requests), ``reserved_usd`` (worst cases of the
+    requests in flight), ``request_usd`` (this request's worst case) and ``budget_usd``.
+    """
+
+    default_code = "budget_exceeded"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        limit: str = "budget_usd",
+        spent_usd: float = 0.0,
+        reserved_usd: float = 0.0,
+        request_usd: float = 0.0,
+        budget_usd: float | None = None,
+        requests: int = 0,
+        reserved_requests: int = 0,
+        max_requests: int | None = None,
+        **kwargs: object,
+    ) -> None:
+        self.limit = limit
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.request_usd = request_usd
+        self.budget_usd = budget_usd
+        self.requests = requests
+        self.reserved_requests = reserved_requests
+        self.max_requests = max_requests
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+class LimiterTimeoutError(LMError, TimeoutError):
+    """A caller's ``timeout`` passed while it waited for a slot, a rate bucket or a cool-down.
+
+    Nothing was sent and nothing was reserved. Not retried by DSPy: the caller chose the limit.
+    """
+
+    default_code = "limiter_timeout"
 
 
 class RetryWaitTooLongError(ProviderError):

@@ -1,0 +1,83 @@
+"""Client-side limits for one LM: concurrency, request and token rates, a shared 429 cool-down,
+and hard caps on spend and on requests, with one ledger shared by all copies of the LM.
+
+    from dspy_anyscale.limits import Estimate, Limiter, Limits
+
+    limiter = Limiter(Limits(max_concurrency=8, requests_per_minute=600, budget_usd=5.0))
+    with limiter.acquire(Estimate(prompt_tokens=900, max_tokens=256, prices=prices)) as permit:
+        ...                                   # send the request
+        permit.settle(prompt_tokens=812, completion_tokens=97)
+    print(limiter.report())
+
+Semantics, in the order a request meets them:
+
+1. **Queue.** Callers wait in one first-in-first-out queue, threads and asyncio tasks alike. The
+   head waits for a free slot (``max_concurrency``), then for the ledger to admit it; nobody
+   overtakes it, so a big request is never starved by small ones. A cancelled task, or a sync
+   caller whose ``timeout`` passes, leaves the queue holding nothing.
+2. **Caps** (``budget_usd``, ``max_requests``). The request's worst case (prompt estimate x
+   input price + max_tokens x output price) is refused with ``BudgetExceededError`` if
+   spent + reserved + worst case would exceed the budget; nothing is sent, and DSPy does not
+   retry it. Money is counted in integer pico-USD, so the check is exact.
+3. **Cool-down.** After ``note_rate_limited(seconds)`` (a 429's Retry-After) nobody is admitted
+   until it has passed: one 429 pauses every caller, not just the one that got it.
+4. **Rate buckets** (``requests_per_minute``, ``tokens_per_minute``), each holding one second's
+   worth. A request reserves prompt estimate + max_tokens tokens; a request larger than the
+   bucket goes when the bucket is full and leaves it in debt (it waits, it never deadlocks).
+5. **The answer.** ``settle(prompt, completion)`` turns the reservation into the actual cost and
+   refunds (or debits) the token bucket; without counts the worst case stays spent. A failure
+   (``release_failed``) gives the reservation back, unless the server may have done the work:
+   a timeout, a cancelled or abandoned request, or a stream that had started answering keep
+   the worst case as spent (it may have been billed; a cap must err safe).
+
+**The guarantee.** spent <= budget_usd whatever the threads do, as long as every answer costs
+at most its reservation. Completions are capped by max_tokens, so only a prompt estimate that is
+too low can break it; ``estimate_prompt_tokens`` errs high (1.3-1.8x on natural text) and an
+answer over its reservation is still booked (it was billed) and counted in ``overruns``.
+
+**Sharing.** ``copy.copy`` / ``copy.deepcopy`` of a limiter return the limiter itself. A pickled
+limiter carries its ledger's handle if the ledger is shared (``share_on_ray()``); a local ledger
+does not travel: the unpickled copy refuses requests with a ``ConfigurationError`` until
+attached to a shared ledger, so no process ever gets a fresh full budget of its own. The
+concurrency gate is per process: on Ray, ``max_concurrency`` bounds each worker.
+"""
+
+from ..errors import BudgetExceededError, LimiterTimeoutError
+from ._backends import DetachedLedger, LedgerBackend, LocalLedger
+from ._clock import SYSTEM_CLOCK, Clock, SystemClock
+from ._config import Limits
+from ._estimate import Estimate, estimate_prompt_tokens, estimate_text_tokens
+from ._limiter import Limiter
+from ._permit import NO_PERMIT, Permit, may_have_been_billed
+from ._report import SpendReport
+from ._unlimited import UNLIMITED, UnlimitedLimiter
+
+__all__ = [
+    "NO_PERMIT",
+    "SYSTEM_CLOCK",
+    "UNLIMITED",
+    "BudgetExceededError",
+    "Clock",
+    "DetachedLedger",
+    "Estimate",
+    "LedgerBackend",
+    "Limiter",
+    "LimiterTimeoutError",
+    "Limits",
+    "LocalLedger",
+    "Permit",
+    "SpendReport",
+    "SystemClock",
+    "UnlimitedLimiter",
+    "estimate_prompt_tokens",
+    "estimate_text_tokens",
+    "may_have_been_billed",
+]
+
+
+def __getattr__(name: str):  # RayLedger without importing Ray (or its module) up front
+    if name == "RayLedger":
+        from ._ray import RayLedger
+
+        return RayLedger
+    raise AttributeError(name)

@@ -1,0 +1,257 @@
+"""The ledger: rate buckets, the shared cool-down, the budget and the counts of one LM.
+
+``LedgerState`` is the arithmetic, with no lock, no clock and no I/O: every method takes ``now``.
+A backend (``_backends.py``, ``_ray.py``) gives it a home and a lock.
+
+Requests are known by *tickets* the client makes up (unique per limiter and process), so a
+client that gives up half-way can always tell the ledger to forget what it may have granted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from .._constants import DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S
+from ..catalog import Prices
+from ..errors import ConfigurationError
+from ._bucket import TokenBucket
+from ._config import Limits
+from ._estimate import cost_pico, pico_to_usd, usd_to_pico
+from ._report import SpendReport
+
+Ticket = Hashable
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One request's worst case: ``cost`` in pico-USD (None: no price known), ``tokens`` for the token bucket."""
+
+    cost: int | None
+    tokens: int
+    prices: Prices | None = None  # to price the server's counts when the answer comes
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request may not go, with the ledger's figures at that moment (pico-USD)."""
+
+    limit: str  # "budget_usd" or "max_requests"
+    spent: int
+    reserved: int
+    request: int
+    budget: int | None
+    requests: int
+    reserved_requests: int
+    max_requests: int | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to a reservation: granted, ask again after ``wait_s`` seconds, or refused."""
+
+    wait_s: float = 0.0
+    refusal: Refusal | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.refusal is None and self.wait_s <= 0.0
+
+
+GRANTED = Decision()
+
+
+class LedgerState:
+    """Not thread-safe: its owner serialises calls."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._budget = None if limits.budget_usd is None else usd_to_pico(limits.budget_usd)
+        self._request_bucket = TokenBucket(*limits.request_bucket) if limits.request_bucket else None
+        self._token_bucket = TokenBucket(*limits.token_bucket) if limits.token_bucket else None
+        self._held: dict[Ticket, Ask] = {}
+        self._cooldown_until = -math.inf
+        self.counts = _Counts()
+
+    # --- admission --------------------------------------------------------------------------------
+
+    def reserve(self, ticket: Ticket, ask: Ask, now: float) -> Decision:
+        if ticket in self._held:
+            return GRANTED  # a repeated ask (a client retrying after a lost reply) is the same grant
+        refusal = self._refusal(ask)
+        if refusal is not None:
+            self.counts.refused += 1
+            return Decision(refusal=refusal)
+        wait = self._wait(ask, now)
+        if wait > 0.0:
+            return Decision(wait_s=wait)
+        self._grant(ticket, ask)
+        return GRANTED
+
+    def _refusal(self, ask: Ask) -> Refusal | None:
+        counts = self.counts
+        cost = ask.cost or 0
+        over_budget = self._budget is not None and counts.spent + counts.reserved + cost > self._budget
+        max_requests = self.limits.max_requests
+        over_requests = max_requests is not None and counts.requests + len(self._held) + 1 > max_requests
+        if not (over_budget or over_requests):
+            return None
+        return Refusal(
+            limit="budget_usd" if over_budget else "max_requests",
+            spent=counts.spent,
+            reserved=counts.reserved,
+            request=cost,
+            budget=self._budget,
+            requests=counts.requests,
+            reserved_requests=len(self._held),
+            max_requests=max_requests,
+        )
+
+    def _wait(self, ask: Ask, now: float) -> float:
+        wait = max(0.0, self._cooldown_until - now)
+        if self._request_bucket is not None:
+            self._request_bucket.refill(now)
+            wait = max(wait, self._request_bucket.wait_for(1, now))
+        if self._token_bucket is not None:
+            self._token_bucket.refill(now)
+            wait = max(wait, self._token_bucket.wait_for(ask.tokens, now))
+        return wait
+
+    def _grant(self, ticket: Ticket, ask: Ask) -> None:
+        if self._request_bucket is not None:
+            self._request_bucket.take(1)
+        if self._token_bucket is not None:
+            self._token_bucket.take(ask.tokens)
+        self._held[ticket] = ask
+        self.counts.reserved += ask.cost or 0
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def settle(self, ticket: Ticket, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """The answer came: the reservation becomes its actual cost (the worst case if counts are missing)."""
+        ask = self._held.pop(ticket, None)
+        if ask is None:
+            return
+        counts = self.counts
+        counts.reserved -= ask.cost or 0
+        counts.requests += 1
+        if prompt_tokens is None or completion_tokens is None:
+            self._book_worst_case(ask)
+            return
+        counts.prompt_tokens += prompt_tokens
+        counts.completion_tokens += completion_tokens
+        self._correct_tokens(ask.tokens, prompt_tokens + completion_tokens)
+        if ask.cost is None or ask.prices is None:
+            counts.unpriced += 1
+            return
+        actual = cost_pico(ask.prices, prompt_tokens, completion_tokens)
+        counts.spent += actual
+        counts.overruns += actual > ask.cost
+
+    def release(self, ticket: Ticket, *, billed: bool) -> None:
+        """The request failed. ``billed``: the server may have done (and charged) the work, so the
+        worst case is kept as spent; otherwise the reservation and its tokens are given back."""
+        ask = self._held.pop(ticket, None)
+        if ask is None:
+            return
+        counts = self.counts
+        counts.reserved -= ask.cost or 0
+        counts.failed += 1
+        if billed:
+            counts.requests += 1
+            self._book_worst_case(ask)
+        elif self._token_bucket is not None:
+            self._token_bucket.give_back(ask.tokens)
+
+    def forget(self, ticket: Ticket) -> None:
+        """A grant the client never used (it gave up before sending): everything goes back."""
+        ask = self._held.pop(ticket, None)
+        if ask is None:
+            return
+        self.counts.reserved -= ask.cost or 0
+        if self._request_bucket is not None:
+            self._request_bucket.give_back(1)
+        if self._token_bucket is not None:
+            self._token_bucket.give_back(ask.tokens)
+
+    def _book_worst_case(self, ask: Ask) -> None:
+        self.counts.unknown_usage += 1
+        if ask.cost is None:
+            self.counts.unpriced += 1
+        else:
+            self.counts.spent += ask.cost
+
+    def _correct_tokens(self, reserved: int, actual: int) -> None:
+        if self._token_bucket is None:
+            return
+        if actual < reserved:
+            self._token_bucket.give_back(reserved - actual)
+        else:
+            self._token_bucket.take(actual - reserved)  # may leave the bucket in debt: later requests wait
+
+    def note_rate_limited(self, seconds: float | None, now: float) -> None:
+        """A 429: every caller waits until ``now + seconds`` (a later 429 can only extend the pause)."""
+        pause = DEFAULT_COOLDOWN_S if seconds is None or not math.isfinite(seconds) else seconds
+        pause = min(max(pause, 0.0), MAX_COOLDOWN_S)
+        self._cooldown_until = max(self._cooldown_until, now + pause)
+        self.counts.rate_limited += 1
+
+    # --- reading and moving -----------------------------------------------------------------------
+
+    def report(self, now: float) -> SpendReport:
+        counts, limits = self.counts, self.limits
+        remaining = None if self._budget is None else max(0, self._budget - counts.spent - counts.reserved)
+        remaining_requests = None
+        if limits.max_requests is not None:
+            remaining_requests = max(0, limits.max_requests - counts.requests - len(self._held))
+        return SpendReport(
+            spent_usd=None if counts.unpriced else pico_to_usd(counts.spent),
+            reserved_usd=pico_to_usd(counts.reserved),
+            budget_usd=limits.budget_usd,
+            remaining_usd=None if remaining is None else pico_to_usd(remaining),
+            requests=counts.requests,
+            in_flight=len(self._held),
+            max_requests=limits.max_requests,
+            remaining_requests=remaining_requests,
+            prompt_tokens=counts.prompt_tokens,
+            completion_tokens=counts.completion_tokens,
+            unknown_usage=counts.unknown_usage,
+            failed=counts.failed,
+            refused=counts.refused,
+            overruns=counts.overruns,
+            rate_limited=counts.rate_limited,
+            cooldown_s=max(0.0, self._cooldown_until - now),
+        )
+
+    def export(self, now: float) -> dict[str, Any]:
+        """The counts and the cool-down left, to seed a ledger elsewhere. Only when nothing is in flight:
+        a reservation cannot move (its client would settle it here)."""
+        if self._held:
+            raise ConfigurationError(
+                f"cannot move the ledger while {len(self._held)} requests are in flight; move it before the job starts"
+            )
+        return {"counts": vars(self.counts).copy(), "cooldown_s": max(0.0, self._cooldown_until - now)}
+
+    def restore(self, state: dict[str, Any], now: float) -> None:
+        for name, value in state["counts"].items():
+            setattr(self.counts, name, value)
+        self._cooldown_until = now + state["cooldown_s"]
+
+
+class _Counts:
+    """Integers only (money in pico-USD), so totals are exact."""
+
+    def __init__(self) -> None:
+        self.spent = 0
+        self.reserved = 0
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.unknown_usage = 0
+        self.unpriced = 0
+        self.failed = 0
+        self.refused = 0
+        self.overruns = 0
+        self.rate_limited = 0

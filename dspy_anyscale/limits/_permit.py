@@ -1,0 +1,109 @@
+"""``Permit``: one admitted request, and what its outcome does to the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from dspy import lm15
+from dspy.utils.exceptions import LMRateLimitError
+
+from ._ledger import Ticket
+
+if TYPE_CHECKING:
+    from ._limiter import Limiter
+
+# Failures after which the server may still have done (and billed) the work: a timed-out or
+# abandoned request may have been generated in full. The others (4xx, 429, 5xx, connection
+# refused) mean no answer was produced.
+_MAYBE_BILLED = (TimeoutError, asyncio.CancelledError, GeneratorExit, KeyboardInterrupt)
+# A 429 as the engine raises it (lm15) or as DSPy re-raises it; both carry ``retry_after``.
+_RATE_LIMITED = (lm15.RateLimitError, LMRateLimitError)
+
+
+def may_have_been_billed(error: BaseException | None) -> bool:
+    return isinstance(error, _MAYBE_BILLED)
+
+
+class Permit:
+    """One admitted request. Exactly one of :meth:`settle` / :meth:`release_failed` takes effect
+    (later calls are ignored); leaving a ``with`` block without either frees it too."""
+
+    __slots__ = ("_answer_started", "_limiter", "_open", "_ticket")
+
+    def __init__(self, limiter: Limiter, ticket: Ticket) -> None:
+        self._limiter = limiter
+        self._ticket = ticket
+        self._open = True
+        self._answer_started = False
+
+    def __repr__(self) -> str:
+        return f"Permit({self._ticket!r}, open={self._open})"
+
+    def answer_started(self) -> None:
+        """The server began answering (a stream's first event): a failure from now on may have been billed."""
+        self._answer_started = True
+
+    def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """The answer came, with the server's counts (None: not reported, booked at the worst case)."""
+        if self._close():
+            self._limiter._settle(self._ticket, _count(prompt_tokens), _count(completion_tokens))
+
+    def release_failed(self, error: BaseException | None = None, *, billed: bool | None = None) -> None:
+        """The request failed. ``billed`` (default: decided from ``error`` and whether the answer had
+        started) keeps the worst case as spent; otherwise the reservation is given back. A 429
+        (``RateLimitError``) also starts the shared cool-down, for its Retry-After."""
+        if billed is None:
+            billed = self._answer_started or may_have_been_billed(error)
+        if not self._close():
+            return
+        try:
+            if isinstance(error, _RATE_LIMITED):
+                self._limiter.note_rate_limited(error.retry_after)
+        finally:
+            self._limiter._release(self._ticket, billed)
+
+    def _close(self) -> bool:
+        was_open, self._open = self._open, False
+        return was_open
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if not self._open:
+            return
+        if exc is None:
+            self.settle(None, None)  # ended without counts: booked at its worst case (errs safe)
+        else:
+            self.release_failed(exc)
+
+
+def _count(value: Any) -> int | None:
+    """A token count from the server; anything that is not one is treated as unknown (worst case)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+class _NoPermit:
+    __slots__ = ()
+
+    def answer_started(self) -> None:
+        pass
+
+    def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        pass
+
+    def release_failed(self, error: BaseException | None = None, *, billed: bool | None = None) -> None:
+        pass
+
+    def __enter__(self) -> _NoPermit:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NO_PERMIT"
+
+
+NO_PERMIT = _NoPermit()

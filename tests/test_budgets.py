@@ -1,0 +1,203 @@
+"""Budgets, rate limits and concurrency caps on Anyscale, against the stub: they hold across threads,
+asyncio tasks, streams and copies; a refusal is never sent nor retried; one 429 holds every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import pickle
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+from dspy.utils.exceptions import is_retryable_lm_error
+
+from dspy_anyscale import ConfigurationError
+from dspy_anyscale.cli import main as cli
+from dspy_anyscale.errors import BudgetExceededError
+from dspy_anyscale.testing import Fault
+
+PRICES = {"input": 100.0, "output": 100.0}  # USD per million tokens: a stub call costs ~ $0.001
+
+
+def _slow(stub, seconds):
+    stub.latency = seconds
+
+
+def test_32_threads_never_exceed_max_concurrency_at_the_server(make_lm, stub):
+    _slow(stub, 0.05)
+    lm = make_lm(max_concurrency=4, cache=False)
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: lm(f"q{i}")[0], range(64)))
+    assert answers == [f"echo: q{i}" for i in range(64)]
+    assert stub.max_in_flight == 4
+
+
+def test_64_acalls_and_streams_share_the_cap(make_lm, stub):
+    _slow(stub, 0.05)
+    lm = make_lm(max_concurrency=4, cache=False, use_chat_api=True)
+
+    async def stream(i):
+        return "".join([chunk async for chunk in lm.astream(f"s{i}")])
+
+    async def main():
+        return await asyncio.gather(*(lm.acall(f"q{i}") for i in range(48)), *(stream(i) for i in range(16)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64 and stub.max_in_flight == 4
+
+
+def test_dspys_n_candidates_count_against_the_cap(make_lm, stub):
+    _slow(stub, 0.05)
+    lm = make_lm(max_concurrency=2, cache=False)
+
+    async def main():
+        return await asyncio.gather(*(lm._agenerate(f"q{i}", n=3) for i in range(4)))
+
+    assert all(len(result["choices"]) == 3 for result in asyncio.run(main()))
+    assert stub.max_in_flight == 2 and len(stub.posts()) == 12
+
+
+def test_requests_per_minute_spaces_the_calls(make_lm, stub):
+    lm = make_lm(requests_per_minute=600, cache=False)  # 10 a second, a bucket of 10
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: lm(f"q{i}"), range(30)))
+    elapsed = time.perf_counter() - started
+    assert elapsed >= 1.8, "30 calls at 10 a second after a burst of 10 take about 2 s"
+    assert elapsed < 15, "and not much more (generous: the machine may be busy)"
+
+
+def _total_cost(lm):
+    return sum(record.cost_usd for record in lm.usage if record.status == "ok")
+
+
+@pytest.mark.parametrize("mode", ["threads", "async", "copies"])
+def test_the_budget_is_never_exceeded(make_lm, stub, mode):
+    _slow(stub, 0.02)
+    lm = make_lm(prices=PRICES, budget_usd=0.02, max_tokens=20, cache=False)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def one(target, i):
+        try:
+            target(f"question number {i}")
+            result = "ok"
+        except BudgetExceededError:
+            result = "refused"
+        with lock:
+            outcomes.append(result)
+
+    if mode == "async":
+
+        async def aone(i):
+            try:
+                await lm.acall(f"question number {i}")
+                outcomes.append("ok")
+            except BudgetExceededError:
+                outcomes.append("refused")
+
+        async def main():
+            await asyncio.gather(*(aone(i) for i in range(60)))
+
+        asyncio.run(main())
+    else:
+        targets = [lm, lm.copy(temperature=0.5), copy.deepcopy(lm), lm.copy(system_prompt="Be brief.")]
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: one(targets[i % 4] if mode == "copies" else lm, i), range(60)))
+    spending = lm.spending()
+    assert outcomes.count("ok") >= 1 and outcomes.count("refused") >= 1
+    assert spending.spent_usd <= 0.02 and spending.refused == outcomes.count("refused")
+    assert len(stub.posts()) == outcomes.count("ok"), "a refused request was never sent"
+    if mode != "copies":
+        assert _total_cost(lm) <= 0.02 + 1e-12, "what the server answered costs no more than the budget"
+
+
+def test_a_refusal_is_not_retried_and_says_spent_reserved_and_budget(make_lm, stub):
+    lm = make_lm(prices=PRICES, budget_usd=0.0001, max_tokens=20, num_retries=3)
+    with pytest.raises(BudgetExceededError, match=r"budget_usd exceeded: .*spent .* reserved .*budget") as caught:
+        lm("too expensive for this budget")
+    assert not is_retryable_lm_error(caught.value) and stub.posts() == []
+    assert lm.usage[-1].status == "budget" and lm.usage[-1].attempts == 0
+
+
+def test_max_requests_caps_a_program_run(make_lm, stub):
+    lm = make_lm(max_requests=3, cache=False)
+    with dspy.context(lm=lm):
+        predict = dspy.Predict("question -> answer")
+        for i in range(3):
+            predict(question=f"q{i}")
+        with pytest.raises(BudgetExceededError, match="max_requests"):
+            predict(question="one too many")
+    assert len(stub.posts()) == 3 and lm.spending().remaining_requests == 0
+
+
+def test_refused_calls_are_in_the_usage_log_and_summary(make_lm, tmp_path, capsys):
+    log = tmp_path / "usage.jsonl"
+    lm = make_lm(max_requests=1, usage_log=log, cache=False)
+    lm("first")
+    with pytest.raises(BudgetExceededError):
+        lm("second")
+    assert [record.status for record in lm.usage] == ["ok", "budget"]
+    assert cli(["usage", str(log)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("meta-llama"))
+    assert row.split()[1:5] == ["2", "0", "0", "1"], "calls, errors, cached, refused"
+
+
+def test_one_429_holds_every_caller(make_lm, stub):
+    stub.latency = 0.1
+    answered: list[float] = []
+    plain = stub.responder
+
+    def responder(endpoint, body):
+        answered.append(time.monotonic())
+        return plain(endpoint, body)
+
+    stub.responder = responder
+    stub.script(Fault(status=429, headers={"Retry-After": "1"}))
+    lm = make_lm(max_concurrency=4, cache=False)
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: lm(f"q{i}"), range(8)))
+    early = [t - started for t in answered if t - started < 0.9]
+    late = [t - started for t in answered if t - started >= 1.0]
+    assert len(early) == 3, "the first wave was already sent when the 429 came back"
+    assert len(late) == 5, "every caller admitted after the 429 waited out its Retry-After"
+    assert lm.spending().rate_limited == 1
+
+
+def test_limits_need_prices_and_max_tokens(make_lm):
+    with pytest.raises(ConfigurationError, match="budget_usd needs prices"):
+        make_lm(model="my-org/unpriced-model", budget_usd=1.0)
+    with pytest.raises(ConfigurationError, match="max_tokens"):
+        make_lm(prices=PRICES, budget_usd=1.0, max_tokens=None)
+    for bad in ({"max_concurrency": 0}, {"requests_per_minute": -1}, {"budget_usd": "5"}, {"max_requests": 1.5}):
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            make_lm(**bad)
+
+
+def test_copies_share_the_ledger_and_saved_state_keeps_the_limits(make_lm):
+    lm = make_lm(prices=PRICES, budget_usd=1.0, max_concurrency=3)
+    for copied in (lm.copy(temperature=0.3), copy.deepcopy(lm), lm.copy(use_chat_api=True)):
+        assert copied.limiter is lm.limiter
+    assert lm.copy(budget_usd=2.0).limiter is not lm.limiter
+    state = lm.dump_state()
+    assert (state["budget_usd"], state["max_concurrency"]) == (1.0, 3)
+
+
+def test_an_unpickled_lm_never_gets_a_fresh_budget(make_lm, monkeypatch):
+    from .conftest import SECRET
+
+    lm = make_lm(prices=PRICES, budget_usd=1.0)
+    lm("spend a little")
+    monkeypatch.setenv("ANYSCALE_API_KEY", SECRET)
+    restored = pickle.loads(pickle.dumps(lm))
+    with pytest.raises(ConfigurationError, match="ledger"):
+        restored("would start a new budget")
+
+
+def test_no_limits_means_no_limiter(make_lm):
+    lm = make_lm()
+    assert not lm.limiter.enabled and lm.spending().budget_usd is None
