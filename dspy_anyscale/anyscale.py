@@ -26,6 +26,7 @@ from .catalog import Prices
 from .errors import ConfigurationError
 from .hf_model import HFModel
 from .limits import Limiter, Limits, SpendReport, UnlimitedLimiter
+from .tracing import check_tracing, tracing_observer
 from .usage import UsageRecord, UsageRecorder
 
 # The limiter's constructor options (Limits' fields, in its order).
@@ -47,6 +48,7 @@ _REBUILD_KEYS = frozenset(
         "prices",
         "usage_log",
         "max_retry_wait",
+        "tracing",
         *LIMIT_OPTIONS,
     }
 )
@@ -67,6 +69,7 @@ class _Settings:
     usage_log: str | None = None
     max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT
     limits: Limits = field(default_factory=Limits)
+    tracing: bool | None = None  # None: follow dspy_anyscale.tracing.instrument()
     # Names of secret headers left out of a saved or pickled copy, to be read back from the environment.
     dropped_headers: tuple[str, ...] = ()
 
@@ -191,6 +194,9 @@ class Anyscale(HFModel):
             refused with ``BudgetExceededError`` before it is sent. Needs prices (``prices=`` or the
             catalogue). ``max_requests``: the same cap counted in requests. With any limit set, a
             429's ``Retry-After`` holds every caller of this LM. ``lm.spending()`` reports the ledger.
+        tracing: OpenTelemetry GenAI spans and metrics for this instance's calls (the ``otel`` extra):
+            ``True`` always, ``False`` never, ``None`` (default) while ``dspy_anyscale.tracing.instrument()``
+            is on.
         temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
         **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
             DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
@@ -220,6 +226,7 @@ class Anyscale(HFModel):
         tokens_per_minute: float | None = None,
         budget_usd: float | None = None,
         max_requests: int | None = None,
+        tracing: bool | None = None,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
         cache: bool = True,
@@ -250,6 +257,7 @@ class Anyscale(HFModel):
             usage_log=resolve_usage_log(usage_log),
             max_retry_wait=_check_seconds("max_retry_wait", max_retry_wait),
             limits=Limits(max_concurrency, requests_per_minute, tokens_per_minute, budget_usd, max_requests),
+            tracing=check_tracing(tracing),
         )
         _check_count("num_retries", num_retries, 0)
         check_value("cache", cache)
@@ -284,7 +292,10 @@ class Anyscale(HFModel):
             settings.options,
             headers=settings.headers,
             pool_size=settings.pool_size,
-            observers=(recorder,),
+            observers=(
+                recorder,
+                tracing_observer(settings.tracing, base_url=endpoint.base_url, endpoint=settings.options.endpoint),
+            ),
             max_retry_wait=settings.max_retry_wait,
             limiter=limiter,
             prices=recorder.costs.price(model),
@@ -414,6 +425,8 @@ class Anyscale(HFModel):
         if settings.max_retry_wait != C.DEFAULT_MAX_RETRY_WAIT:
             args["max_retry_wait"] = settings.max_retry_wait
         args.update(settings.limits.as_kwargs())  # a loaded program starts a ledger of its own
+        if settings.tracing is not None:
+            args["tracing"] = settings.tracing
         if settings.usage_log is not None:
             args["usage_log"] = settings.usage_log
         return args
@@ -426,6 +439,7 @@ class Anyscale(HFModel):
         """
         portable = self._settings.portable()
         state = self._init_args(portable)
+        state.pop("tracing", None)  # a saved program leaves tracing to the environment that loads it
         if portable.dropped_headers:
             state[_SECRET_HEADERS_KEY] = list(portable.dropped_headers)
         return {LM_CLASS_STATE_KEY: f"{type(self).__module__}.{type(self).__qualname__}", **state}
