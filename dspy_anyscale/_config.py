@@ -150,6 +150,8 @@ def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) ->
 
     ``api_key=""`` means "no key": no Authorization header is sent (a local server without auth).
     """
+    base: str | None
+    base_origin: str | None
     if api_base is not None:
         base, base_origin = api_base, "argument"
     else:
@@ -158,6 +160,8 @@ def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) ->
             raise _missing_base_url()
     base_url = normalize_base_url(base, "api_base" if base_origin == "argument" else base_origin or "api_base")
 
+    key: str | None
+    key_origin: str | None
     if api_key is not None:
         if not isinstance(api_key, str):
             raise ConfigurationError(f"api_key must be a string, got {type(api_key).__name__}")

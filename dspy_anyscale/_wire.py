@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from dspy import lm15
@@ -140,7 +140,7 @@ def _endpoint_directive(directive: Any, default: EndpointKind) -> EndpointKind:
             f"got {directive!r}",
             f"config.extensions.{C.ENGINE_EXTENSION_KEY}",
         )
-    return endpoint
+    return cast(EndpointKind, endpoint)  # one of ENDPOINT_PATHS, checked just above
 
 
 def _take_identity_off(extensions: dict[str, Any]) -> None:

@@ -121,6 +121,9 @@ class InvalidParameterError(AnyscaleError, TypeError, ValueError):
 class UnsupportedParameterError(AnyscaleError, LMUnsupportedFeatureError, ValueError):
     """A generation parameter this endpoint cannot carry; refused instead of being dropped."""
 
+    def __init__(self, message: str, *, features: list[str] | None = None) -> None:
+        LMUnsupportedFeatureError.__init__(self, message, features=features)
+
 
 class PoolError(AnyscaleError, RuntimeError):
     """A :class:`dspy_anyscale.ray.ProgramPool` cannot run: it is closed, its workers did not start, or all died."""
@@ -168,7 +171,7 @@ class BudgetExceededError(LMError):
         self.requests = requests
         self.reserved_requests = reserved_requests
         self.max_requests = max_requests
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        super().__init__(message, **kwargs)
 
 
 class LimiterTimeoutError(LMError, TimeoutError):

@@ -60,11 +60,12 @@ def select_choices(
         selected = [choice for choice in selected if choice.get("finish_reason") != "length"] or selected
     if return_sorted:
         scores = [_mean_logprob(choice) for choice in selected]
-        if any(score is None for score in scores):
+        known = [score for score in scores if score is not None]
+        if len(known) != len(scores):
             raise UnsupportedParameterError(
                 "return_sorted=True needs token logprobs, and the server returned none", features=["return_sorted"]
             )
-        selected = [choice for _, choice in sorted(zip(scores, selected, strict=True), key=lambda pair: -pair[0])]
+        selected = [choice for _, choice in sorted(zip(known, selected, strict=True), key=lambda pair: -pair[0])]
     return selected
 
 
@@ -304,7 +305,7 @@ class HFModel(dspy.LM):
             self._default_plan = (dict(self.kwargs), plan)
         return plan
 
-    def _direct_extensions(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    def _direct_extensions(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     def _direct_request(self, prompt: str, plan: DirectPlan) -> Request:

@@ -236,13 +236,17 @@ def _summary(model: str, rows: list[Mapping[str, Any]]) -> ModelSummary:
         errors=sum(row.get("status") not in (_OK, _CACHED, "budget") for row in rows),
         cached=sum(row.get("status") == _CACHED for row in rows),
         refused=sum(row.get("status") == "budget" for row in rows),
-        prompt_tokens=sum(_number(row.get("prompt_tokens")) for row in rows),
-        completion_tokens=sum(_number(row.get("completion_tokens")) for row in rows),
+        prompt_tokens=sum(_tokens(row.get("prompt_tokens")) for row in rows),
+        completion_tokens=sum(_tokens(row.get("completion_tokens")) for row in rows),
         unknown_tokens=len(unknown),
         cost_usd=None if any(c is None for c in costs) else sum(_number(c) for c in costs),
         p50_ms=_percentile(latencies, 50),
         p95_ms=_percentile(latencies, 95),
     )
+
+
+def _tokens(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _number(value: Any) -> float:
