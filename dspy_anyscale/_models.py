@@ -8,6 +8,7 @@ from typing import Any
 from dspy.clients.errors import wrap_error
 from dspy.lm15 import LM15Error
 
+from . import _constants as C
 from ._config import Endpoint, Timeout
 from ._http_errors import unexpected_body
 from ._transport import SyncTransport
@@ -17,9 +18,9 @@ def list_models(endpoint: Endpoint, timeout: Timeout, headers: Mapping[str, str]
     """The ``data`` entries of ``GET /models``; errors are DSPy's LM errors, as for calls."""
     transport = SyncTransport(endpoint, timeout, headers=headers, pool_size=1)
     try:
-        reply = transport.request_json("GET", "/models")
+        reply = transport.request_json("GET", C.MODELS_PATH)
     except LM15Error as exc:
-        raise wrap_error(exc, model="(models)", provider="anyscale") from exc
+        raise wrap_error(exc, model="(models)", provider=C.PROVIDER) from exc
     finally:
         transport.close()
     entries = reply.data.get("data")
@@ -27,14 +28,14 @@ def list_models(endpoint: Endpoint, timeout: Timeout, headers: Mapping[str, str]
         import orjson
 
         error = unexpected_body(
-            endpoint.url("/models"),
+            endpoint.url(C.MODELS_PATH),
             reply.status,
             orjson.dumps(reply.data),
             "Expected a 'data' list",
             endpoint.api_key,
             method="GET",
         )
-        raise wrap_error(error, model="(models)", provider="anyscale") from error
+        raise wrap_error(error, model="(models)", provider=C.PROVIDER) from error
     return [_entry(item) for item in entries if isinstance(item, dict) and item.get("id")]
 
 
