@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
 from . import _constants as C
+from ._secrets import Secret
 from .errors import ConfigurationError, MissingConfigurationError
 
 
@@ -130,9 +131,13 @@ def _check_url_parts(url: str, parts: SplitResult, origin: str) -> None:
         raise ConfigurationError(f"{origin} has an invalid port (1-65535): {url!r}")
 
 
-def check_api_key(key: str, origin: str) -> None:
-    """A bearer token is one word of visible ASCII; say where it is wrong without showing it."""
-    for position, ch in enumerate(key, 1):
+def check_api_key(key: Secret, origin: str) -> None:
+    """A bearer token is one word of visible ASCII; say where it is wrong without showing it.
+
+    The key stays inside its :class:`Secret` here (no local holds the text), so a traceback that
+    captures frame locals (Sentry) finds nothing to show.
+    """
+    for position, ch in enumerate(key.reveal(), 1):
         if ch.isspace() or not ch.isprintable() or not ch.isascii():
             what = (
                 "whitespace (a trailing newline or space from a file?)"
@@ -140,12 +145,12 @@ def check_api_key(key: str, origin: str) -> None:
                 else ("a non-ASCII character" if ch.isprintable() else "a control character")
             )
             raise ConfigurationError(
-                f"The API key from {origin} contains {what} at position {position} of {len(key)}. A bearer "
-                "token is one word of visible ASCII characters: remove it (e.g. key.strip()) and check the key."
+                f"The API key from {origin} contains {what} at position {position} of {len(key.reveal())}. A "
+                "bearer token is one word of visible ASCII characters: remove it (e.g. key.strip()) and check the key."
             )
 
 
-def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) -> Endpoint:
+def resolve_endpoint(api_base: str | None = None, api_key: str | Secret | None = None) -> Endpoint:
     """Resolve the base URL and key with argument > environment > ``.env`` > error.
 
     ``api_key=""`` means "no key": no Authorization header is sent (a local server without auth).
@@ -160,28 +165,33 @@ def resolve_endpoint(api_base: str | None = None, api_key: str | None = None) ->
             raise _missing_base_url()
     base_url = normalize_base_url(base, "api_base" if base_origin == "argument" else base_origin or "api_base")
 
-    key: str | None
-    key_origin: str | None
-    if api_key is not None:
-        if not isinstance(api_key, str):
-            raise ConfigurationError(f"api_key must be a string, got {type(api_key).__name__}")
-        key, key_origin = api_key, "argument"
-    else:
-        key, key_origin = _lookup((C.ENV_API_KEY,))
-        if key is None:
-            raise MissingConfigurationError(
-                f"No API key configured for {base_url}. Pass api_key=... or set {C.ENV_API_KEY} in the "
-                "environment or a .env file (an Anyscale Service uses its bearer token). For a local server "
-                "that needs no key, pass api_key=''."
-            )
-    check_api_key(key, "api_key=..." if key_origin == "argument" else key_origin or C.ENV_API_KEY)
+    key, key_origin = _resolve_key(api_key, base_url)
+    check_api_key(key, "api_key=..." if key_origin == "argument" else key_origin)
     return Endpoint(
         base_url=base_url,
-        api_key=key or None,
+        api_key=key.reveal() or None,
         base_url_origin=base_origin or "argument",
         api_key_origin=key_origin,
         base_url_explicit=api_base is not None,
     )
+
+
+def _resolve_key(api_key: str | Secret | None, base_url: str) -> tuple[Secret, str]:
+    """(the key, where it came from); the key is wrapped as soon as it is found."""
+    if isinstance(api_key, Secret):
+        return api_key, "argument"
+    if api_key is not None:
+        if not isinstance(api_key, str):
+            raise ConfigurationError(f"api_key must be a string, got {type(api_key).__name__}")
+        return Secret(api_key), "argument"
+    found, origin = _lookup((C.ENV_API_KEY,))
+    if found is None:
+        raise MissingConfigurationError(
+            f"No API key configured for {base_url}. Pass api_key=... or set {C.ENV_API_KEY} in the "
+            "environment or a .env file (an Anyscale Service uses its bearer token). For a local server "
+            "that needs no key, pass api_key=''."
+        )
+    return Secret(found), origin or C.ENV_API_KEY
 
 
 def resolve_timeout(timeout: float | tuple[float, float] | Timeout) -> Timeout:

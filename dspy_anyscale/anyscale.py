@@ -20,7 +20,7 @@ from ._config import Timeout, check_headers, resolve_endpoint, resolve_timeout, 
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
 from ._observe import Observer
 from ._params import PARAMETERS, check_value, plan_direct_call, split_constructor_kwargs
-from ._secrets import is_secret_header, restore_secret_headers
+from ._secrets import Secret, is_secret_header, restore_secret_headers
 from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
 from .errors import ConfigurationError
@@ -233,6 +233,8 @@ class Anyscale(HFModel):
         callbacks: list[Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        # First: a traceback that captures locals (Sentry) must never find the key in this frame.
+        api_key = Secret(api_key) if isinstance(api_key, str) else api_key
         _check_model(model)
         carried, extras = split_constructor_kwargs(kwargs)
         check_value("temperature", temperature)
@@ -281,7 +283,7 @@ class Anyscale(HFModel):
 
     @staticmethod
     def _connect(
-        settings: _Settings, api_key: str | None, model: str, limiter: Limiter | UnlimitedLimiter
+        settings: _Settings, api_key: str | Secret | None, model: str, limiter: Limiter | UnlimitedLimiter
     ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
         """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
@@ -379,6 +381,7 @@ class Anyscale(HFModel):
         """
         from ._models import list_models
 
+        api_key = Secret(api_key) if isinstance(api_key, str) else api_key  # out of this frame's locals
         return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout), check_headers(headers))
 
     # --- direct calls ------------------------------------------------------------------------------
@@ -462,7 +465,7 @@ class Anyscale(HFModel):
         if not rebuild:
             return super().copy(**kwargs)
         args = {**self._init_args(self._settings), **rebuild}
-        args.setdefault("api_key", self.engine.transport.endpoint.api_key or "")
+        args.setdefault("api_key", Secret(self.engine.transport.endpoint.api_key or ""))
         new = type(self)(**args)
         new.callbacks = list(self.callbacks)
         if not set(rebuild) & set(LIMIT_OPTIONS):

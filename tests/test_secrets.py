@@ -204,3 +204,58 @@ def test_which_header_values_are_secret(name, secret):
     from dspy_anyscale._secrets import is_secret_header
 
     assert is_secret_header(name) is secret
+
+
+def _with_locals(exc: BaseException) -> str:
+    """What Sentry-style reporters capture: the traceback with every frame's locals, for the frames of
+    the library (this test's own frame holds the key it passed)."""
+    import traceback
+
+    report = traceback.TracebackException.from_exception(exc, capture_locals=True)
+    text = []
+    for current in _chain(report):
+        frames = [frame for frame in current.stack if "/tests/" not in frame.filename]
+        text.append(
+            "".join(traceback.StackSummary.from_list(frames).format()) + "".join(current.format_exception_only())
+        )
+    return "".join(text)
+
+
+def _chain(report):
+    seen = []
+    while report is not None and report not in seen:
+        seen.append(report)
+        report = report.__cause__ or report.__context__
+    return seen
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"prompt_template": "no placeholder"}, {"timeout": None}, {"api_key": SECRET + "\n"}, {"headers": "x"}],
+    ids=["prompt_template", "timeout", "key with a newline", "headers"],
+)
+def test_a_constructor_error_captured_with_locals_never_shows_the_key(stub, bad):
+    with pytest.raises(Exception) as caught:
+        Anyscale(MODEL, api_base=stub.base_url, **{"api_key": SECRET, **bad})
+    assert SECRET not in _with_locals(caught.value)
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault(status=401), Fault(status=500), Fault(reset=True)], ids=["401", "500", "reset"]
+)
+def test_a_call_error_captured_with_locals_never_shows_the_key(make_lm, stub, fault):
+    stub.script(*[fault] * 4)
+    with pytest.raises(LMError) as caught:
+        make_lm(num_retries=0)("q")
+    assert SECRET not in _with_locals(caught.value)
+
+
+def test_a_models_error_captured_with_locals_never_shows_the_key(stub):
+    stub.script(Fault(status=401))
+    stub.api_key = "another-key"
+    try:
+        with pytest.raises(LMError) as caught:
+            Anyscale.models(api_base=stub.base_url, api_key=SECRET)
+    finally:
+        stub.api_key = SECRET
+    assert SECRET not in _with_locals(caught.value)
