@@ -33,8 +33,18 @@ FASTAPI_REFUSAL = {
         }
     ]
 }
+# What llama-cpp-python 0.3.36 really sends (seen in the integration tests): FastAPI's error list as text.
+LLAMA_CPP_PYTHON_REAL = {
+    "error": {
+        "message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+        "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}\n\n  File "
+        '"/venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in create_chat_completion',
+        "type": "internal_server_error",
+    }
+}
 REFUSALS = {
     "llama-cpp-python 500": Fault(status=500, body=LLAMA_CPP_PYTHON_REFUSAL),
+    "llama-cpp-python 500 as sent": Fault(status=500, body=LLAMA_CPP_PYTHON_REAL),
     "FastAPI 422": Fault(status=422, body=FASTAPI_REFUSAL),
     "plain 400": Fault(status=400, body={"error": {"message": "response_format json_schema is not supported"}}),
 }
