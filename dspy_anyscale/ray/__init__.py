@@ -27,8 +27,17 @@ Output rows: the input row's columns, the prediction's fields as ``pred_<field>`
 (None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` and
 ``latency_ms`` (and ``score`` from :func:`evaluate`), in completion order.
 
-Wrong arguments (types, values, input keys missing from the data) raise
-:class:`~dspy_anyscale.errors.ConfigurationError` before any Ray work starts.
+Limits for the whole job (``budget_usd``, ``max_requests``, ``requests_per_minute``,
+``tokens_per_minute``, as on ``Anyscale``) go to ``run_program`` / ``evaluate`` (one run) or to
+``ProgramPool`` (every run on the pool). They are kept by one ledger in one Ray actor that every
+worker's LM reserves from; an ``lm`` with limits of its own has its ledger moved into such an
+actor for the job, never copied into each worker. A row whose request does not fit fails with
+``BudgetExceededError`` (nothing sent); once a cap is used up the run stops sending, and the rows
+left fail at once. ``max_concurrency`` is refused for a job (a per-process limit):
+``concurrency * threads_per_actor`` bounds what is in flight.
+
+Wrong arguments (types, values, input keys missing from the data, limits that cannot hold)
+raise :class:`~dspy_anyscale.errors.ConfigurationError` before any Ray work starts.
 """
 
 from __future__ import annotations

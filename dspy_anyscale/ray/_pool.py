@@ -17,7 +17,9 @@ from ray.exceptions import ActorUnschedulableError, RayActorError, RayError
 from .. import _constants as C
 from ..anyscale import Anyscale
 from ..errors import ConfigurationError, PoolError
+from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
 from ._checks import check_adapter, check_lm, check_positive_ints, check_positive_number, fail
+from ._job_limits import check_limits, on_the_lm_or_here, share_lm_ledger, start_ledger, stop_ledger
 from ._ray import ray
 from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, first_line, tally_of, to_block
 
@@ -82,6 +84,17 @@ class ProgramPool:
     left, the run raises :class:`PoolError` and the pool refuses further work. ``close()`` (or
     leaving the ``with`` block) stops the actors; it is idempotent, and a closed pool refuses work
     with :class:`PoolError`.
+
+    Limits for every run on the pool (an optimisation loop's whole budget): ``budget_usd``,
+    ``max_requests``, ``requests_per_minute``, ``tokens_per_minute`` are ``Anyscale``'s, held by
+    one ledger in a Ray actor that every worker's LM reserves from, from the first run to
+    ``close()``; ``pool.spending()`` reports it (after ``close()`` too: its last report). An
+    ``lm`` with limits of its own keeps them instead: its ledger moves into a Ray actor that the
+    workers and the driver's ``lm`` share. A run on a pool without either may have limits of its
+    own (``run_program(..., pool=pool, budget_usd=...)``): a ledger for that run only. A run that
+    uses its cap up stops sending; the rows left are errors, unrun (see :func:`run_program`).
+    ``max_concurrency`` is refused: at most ``concurrency * threads_per_actor`` requests are in
+    flight already.
     """
 
     def __init__(
@@ -94,6 +107,11 @@ class ProgramPool:
         num_cpus: float = DEFAULT_NUM_CPUS,
         max_restarts: int = 3,
         start_timeout: float = 300.0,
+        max_concurrency: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        budget_usd: float | None = None,
+        max_requests: int | None = None,
     ) -> None:
         check_lm(lm)
         check_adapter(adapter)
@@ -102,6 +120,25 @@ class ProgramPool:
         check_positive_number("start_timeout", start_timeout)
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             fail("max_restarts", "an int >= 0", max_restarts)
+        limits = check_limits(
+            {
+                "max_concurrency": max_concurrency,
+                "requests_per_minute": requests_per_minute,
+                "tokens_per_minute": tokens_per_minute,
+                "budget_usd": budget_usd,
+                "max_requests": max_requests,
+            },
+            lm=lm,
+            where="a ProgramPool",
+            sizes=(concurrency, threads_per_actor),
+            existing=lm.limiter,
+            hint=on_the_lm_or_here(lm.limiter),
+        )
+        # --- Ray work from here on.
+        self.limits: Limits | None = limits  # the pool's own limits (None: none given to ProgramPool)
+        self._own_ledger = start_ledger(limits)  # started while the workers start
+        self._final_report: SpendReport | None = None  # the pool's ledger's last report, once stopped
+        self._worker_limiter: Limiter | None = self._own_ledger or share_lm_ledger(lm)
         self.lm, self.adapter = lm, adapter
         self.concurrency, self.threads_per_actor, self.num_cpus = concurrency, threads_per_actor, num_cpus
         self.max_restarts, self.start_timeout = max_restarts, float(start_timeout)
@@ -133,8 +170,22 @@ class ProgramPool:
         return self._closed is not None
 
     def close(self) -> None:
-        """Stop the actors (and their connection pools). Safe to call more than once."""
+        """Stop the actors (and their connection pools), and the pool's ledger. Safe to call more than once."""
         self._shutdown("it was closed")
+
+    @property
+    def limiter(self) -> Limiter | UnlimitedLimiter:
+        """What every run on the pool counts against: the pool's limits, else its LM's (both may have none)."""
+        return self._worker_limiter if self._worker_limiter is not None else self.lm.limiter
+
+    def spending(self) -> SpendReport:
+        """The pool's ledger (every run on it so far; its LM's when the limits are the LM's): spent, left, refused."""
+        if self._final_report is not None:
+            return self._final_report
+        return self.limiter.report()
+
+    def _report_if_limited(self) -> SpendReport | None:
+        return self.spending() if self.limiter.enabled else None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{sum(not s.dead for s in self._slots)} workers"
@@ -149,6 +200,9 @@ class ProgramPool:
         for slot in self._slots:
             slot.dead = True
             _kill(slot.actor)
+        if self._own_ledger is not None:  # the LM's own ledger stays: the driver's LM keeps using it
+            self._final_report = stop_ledger(self._own_ledger)
+            self._own_ledger = None
 
     def _check_open(self) -> None:
         if self._closed is not None:
@@ -157,7 +211,7 @@ class ProgramPool:
     # --- workers -------------------------------------------------------------------------------------
 
     def _start(self, index: int) -> _Slot:
-        actor = self._worker_class.remote(self._lm_state, self.adapter, self.threads_per_actor)
+        actor = self._worker_class.remote(self._lm_state, self.adapter, self.threads_per_actor, self._worker_limiter)
         return _Slot(index, actor, actor.ready.remote(), time.monotonic())
 
     def _await_start(self) -> None:

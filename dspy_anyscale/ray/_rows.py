@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
+from dspy.utils.usage_tracker import UsageTracker
 from ray.data.block import BlockAccessor
 
 from ..anyscale import Anyscale
+from ..limits import Limiter
 from ..usage import usage_totals
+from ._job_limits import BUDGET_ERROR, budget_refusal, flush, used_up
 from ._ray import ray
 
 PREDICTION_PREFIX = "pred_"
@@ -32,6 +35,7 @@ class RunSummary:
     cost_usd: float | None
     seconds: float | None = None
     score: float | None = None
+    refused: int = 0  # of the errors: rows refused by budget_usd or max_requests (their refused requests unsent)
 
     @property
     def rows_per_second(self) -> float | None:
@@ -41,9 +45,10 @@ class RunSummary:
         cost = f"${self.cost_usd:.6f}" if self.cost_usd is not None else "cost unknown"
         speed = f", {self.rows_per_second:.1f} rows/s" if self.rows_per_second else ""
         score = f", score {self.score}" if self.score is not None else ""
+        refused = f" ({self.refused} over budget)" if self.refused else ""
         return (
-            f"{self.rows} rows, {self.errors} errors, {self.prompt_tokens} prompt + {self.completion_tokens} "
-            f"completion tokens, {cost}{speed}{score}"
+            f"{self.rows} rows, {self.errors} errors{refused}, {self.prompt_tokens} prompt + "
+            f"{self.completion_tokens} completion tokens, {cost}{speed}{score}"
         )
 
 
@@ -56,32 +61,59 @@ class RunSpec:
     output_columns: tuple[str, ...]
     metric: Metric | None = None
     failure_score: float = 0.0
+    # The run's own limits (a ledger in a Ray actor; it pickles as the actor's handle), else None:
+    # the workers' LMs then count against the pool's ledger, or the LM's own.
+    limiter: Limiter | None = None
 
 
 class RowRunner:
-    """Runs one row of a run with a worker's LM: the prediction, its usage, its score or its error."""
+    """Runs one row of a run with a worker's LM: the prediction, its usage, its score or its error.
+
+    Once a refusal shows that the run's cap is used up (``budget_usd`` or ``max_requests``), the
+    run stops sending: every row after it fails at once with ``BudgetExceededError``, unrun.
+    """
 
     def __init__(self, spec: RunSpec, lm: Anyscale, adapter: dspy.Adapter | None) -> None:
         self.spec = spec
         self.lm = lm
         self.adapter = adapter
+        self.limiter = lm.limiter  # the ledger this run's rows count against, flushed after each batch
+        self.stopped: str | None = None  # set once: why the rows left are not run
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec
         started = time.perf_counter()
         out: dict[str, Any] = dict(row)
+        if self.stopped is not None:
+            reason = f"{BUDGET_ERROR}: this row was not run: {self.stopped}; the run stopped sending"
+            out.update(failed_row(reason, spec))
+        else:
+            self._run(row, out)
+        out["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return out
+
+    def _run(self, row: dict[str, Any], out: dict[str, Any]) -> None:
+        spec = self.spec
+        usage = UsageTracker()  # this row's calls, answered or not: a row that fails half-way was still billed
         try:
-            with dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True):
+            with dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True, usage_tracker=usage):
                 prediction = spec.program(**{key: row[key] for key in spec.input_keys})
             out.update({PREDICTION_PREFIX + key: plain(value) for key, value in prediction.items()})
-            out.update(self._usage(prediction.get_lm_usage() or {}))
             out["error"] = None
             if spec.metric is not None:
                 out["score"] = float(spec.metric(example_of(row, spec.input_keys), prediction))
         except Exception as exc:  # one bad row never stops the job: it is reported in its own row
-            out.update(failed_row(f"{type(exc).__name__}: {exc}", spec))
-        out["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return out
+            out.update(failed_row(self._error(exc), spec))
+        out.update(self._usage(usage.get_total_tokens()))
+
+    def _error(self, exc: Exception) -> str:
+        refusal = budget_refusal(exc)
+        if refusal is None:
+            return f"{type(exc).__name__}: {exc}"
+        reason = used_up(refusal)
+        if reason is not None and self.stopped is None:
+            self.stopped = reason
+        return f"{BUDGET_ERROR}: {refusal}"
 
     def _usage(self, usage: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         if not usage:  # every LM call was answered from DSPy's cache
@@ -100,19 +132,29 @@ class ProgramActor:
     """One per slot of a Ray Data actor pool (a run without ``pool=``): builds the LM once, runs rows on threads."""
 
     def __init__(self, spec: RunSpec, lm_state: dict[str, Any], adapter: dspy.Adapter | None, threads: int) -> None:
-        self.runner = RowRunner(spec, worker_lm(lm_state, threads), adapter)
+        lm = worker_lm(lm_state, threads)
+        if spec.limiter is not None:
+            lm._share_limiter(spec.limiter)  # the job's one ledger, never a fresh one per worker
+        self.runner = RowRunner(spec, lm, adapter)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dspy-anyscale-row")
 
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
         rows = batch.to_pylist()  # a pyarrow Table: nulls stay None (numpy would make them NaN)
-        return columns_of(list(self.pool.map(self.runner, rows)), self.runner.spec.output_columns)
+        results = list(self.pool.map(self.runner, rows))
+        flush(self.runner.limiter)
+        return columns_of(results, self.runner.spec.output_columns)
 
 
 class PoolWorker:
     """One actor of a :class:`ProgramPool`: the LM and threads live as long as the pool; programs come per run."""
 
-    def __init__(self, lm_state: dict[str, Any], adapter: dspy.Adapter | None, threads: int) -> None:
+    def __init__(
+        self, lm_state: dict[str, Any], adapter: dspy.Adapter | None, threads: int, limiter: Limiter | None = None
+    ) -> None:
         self.lm = worker_lm(lm_state, threads)
+        if limiter is not None:
+            self.lm._share_limiter(limiter)  # the pool's ledger (or the LM's own), shared by every worker
+        self.limiter = self.lm.limiter  # what a run without limits of its own counts against
         self.adapter = adapter
         self.rows = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dspy-anyscale-row")
         self._runners: dict[str, RowRunner] = {}
@@ -126,13 +168,18 @@ class PoolWorker:
         does not fetch and unpickle the program again for every batch of the run."""
         runner = self._runner(run_id, spec_ref[0])
         results = list(self.rows.map(runner, as_rows(rows)))
+        flush(runner.limiter)
         return to_block(results, runner.spec.output_columns), tally_of(results)
 
     def _runner(self, run_id: str, spec_ref: Any) -> RowRunner:
         with self._lock:
             if run_id not in self._runners:
+                spec = ray.get(spec_ref)
+                # Each run installs its ledger: its own limits, else the pool's. A run's limits end
+                # with it, even a run cancelled half-way (a request in flight settles where it began).
+                self.lm._share_limiter(spec.limiter if spec.limiter is not None else self.limiter)
                 # Only the current run's program is kept: an optimizer's old candidates are dropped.
-                self._runners = {run_id: RowRunner(ray.get(spec_ref), self.lm, self.adapter)}
+                self._runners = {run_id: RowRunner(spec, self.lm, self.adapter)}
             return self._runners[run_id]
 
 
@@ -142,6 +189,7 @@ class Tally:
 
     rows: int = 0
     errors: int = 0
+    refused: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -161,6 +209,7 @@ class Tally:
             cost_usd=None if self.unknown_cost else float(self.cost_usd),
             seconds=seconds,
             score=round(100 * self.score / self.rows, 2) if scored and self.rows else None,
+            refused=self.refused,
         )
 
 
@@ -168,6 +217,7 @@ def tally_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "rows": len(rows),
         "errors": sum(row["error"] is not None for row in rows),
+        "refused": sum((row["error"] or "").startswith(f"{BUDGET_ERROR}:") for row in rows),
         "prompt_tokens": sum(row["prompt_tokens"] or 0 for row in rows),
         "completion_tokens": sum(row["completion_tokens"] or 0 for row in rows),
         "cost_usd": sum(row["cost_usd"] or 0.0 for row in rows),

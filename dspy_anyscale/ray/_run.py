@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import dspy
@@ -13,6 +13,7 @@ import dspy
 from .. import _constants as C
 from ..anyscale import Anyscale
 from ..errors import ConfigurationError
+from ..limits import Limits
 from ._checks import (
     check_adapter,
     check_lm,
@@ -22,6 +23,7 @@ from ._checks import (
     fail,
     is_number,
 )
+from ._job_limits import check_limits, on_the_lm_or_here, share_lm_ledger, start_ledger, stop_ledger, without_limits
 from ._pool import DEFAULT_CONCURRENCY, DEFAULT_NUM_CPUS, DEFAULT_THREADS_PER_ACTOR, ProgramPool
 from ._ray import ray
 from ._rows import Metric, ProgramActor, RunSpec, RunSummary, Tally, output_columns, tally_of, to_block
@@ -47,6 +49,11 @@ def run_program(
     metric: Metric | None = None,
     failure_score: float = 0.0,
     pool: ProgramPool | None = None,
+    max_concurrency: int | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
+    budget_usd: float | None = None,
+    max_requests: int | None = None,
 ) -> Dataset:
     """Map ``program`` over ``dataset`` on Ray actors; one output row per input row.
 
@@ -74,6 +81,19 @@ def run_program(
     run always executes before this returns and its summary is logged; the Dataset returned holds
     the result blocks in Ray's object store (spilled to disk when large). ``materialize=False``
     is accepted, and the dataset is then the same: it still chains into ``write_parquet``.
+
+    Limits for the whole run: ``budget_usd``, ``max_requests``, ``requests_per_minute`` and
+    ``tokens_per_minute`` are ``Anyscale``'s, held by one ledger (a Ray actor) that every
+    worker's LM reserves from, for this run only. A row whose request does not fit gets
+    ``error="BudgetExceededError: ..."`` and nothing of it is sent; once the cap is used up (less
+    left than a request's worst case, or every request made) the run stops sending: the rows
+    left fail at once, unrun, and the run finishes. ``summarize_run`` counts them in ``errors``
+    and ``refused``. Without these, an ``lm`` with limits of its own keeps them for the whole
+    job: its ledger moves into a Ray actor that the workers and the driver's ``lm`` share, so
+    ``lm.spending()`` covers the workers. Limits are set in one place: on the run, the pool or
+    the LM. ``max_concurrency`` is refused: the job's requests in flight are at most
+    ``concurrency x threads_per_actor``. With ``materialize=False`` the run's ledger lives as
+    long as the lazy dataset, and every execution of it counts against that one ledger.
     """
     results, _ = _run(
         program,
@@ -89,6 +109,13 @@ def run_program(
         metric=metric,
         failure_score=failure_score,
         pool=pool,
+        limits={
+            "max_concurrency": max_concurrency,
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "budget_usd": budget_usd,
+            "max_requests": max_requests,
+        },
     )
     return results
 
@@ -102,6 +129,11 @@ def evaluate(
     input_keys: Sequence[str] | None = None,
     failure_score: float = 0.0,
     pool: ProgramPool | None = None,
+    max_concurrency: int | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
+    budget_usd: float | None = None,
+    max_requests: int | None = None,
     **run_options: Any,
 ) -> tuple[float, Dataset]:
     """``dspy.Evaluate`` over a Ray Dataset: (score in percent, the per-row results with ``score``).
@@ -113,8 +145,9 @@ def evaluate(
             scores = [evaluate(candidate, devset, metric, pool=pool)[0] for candidate in candidates]
 
     The score is computed as ``dspy.Evaluate`` computes it: ``round(100 * sum(scores) / rows, 2)``,
-    with ``failure_score`` for a row whose program raised. ``run_options`` are
-    :func:`run_program`'s (``adapter``, ``concurrency``, ``batch_size``, ...).
+    with ``failure_score`` for a row whose program raised (a row refused by the run's limits
+    too). ``run_options`` are :func:`run_program`'s (``adapter``, ``concurrency``, ``batch_size``,
+    ...); the limits are its limits for the whole run.
     """
     if not callable(metric):
         fail("metric", "a callable metric(example, prediction, trace=None)", metric)
@@ -123,8 +156,15 @@ def evaluate(
         raise TypeError(
             f"evaluate() got unexpected keyword arguments {unknown}; run_program's are {sorted(_RUN_OPTIONS)}"
         )
+    limits = {
+        "max_concurrency": max_concurrency,
+        "requests_per_minute": requests_per_minute,
+        "tokens_per_minute": tokens_per_minute,
+        "budget_usd": budget_usd,
+        "max_requests": max_requests,
+    }
     options = {"lm": lm, "input_keys": input_keys, "failure_score": failure_score, "pool": pool, **run_options}
-    results, tally = _run(program, dataset, metric=metric, **options)
+    results, tally = _run(program, dataset, metric=metric, limits=limits, **options)
     if tally is not None:  # a pool run counted as it went: no second pass over the results
         return (round(100 * tally.score / tally.rows, 2) if tally.rows else 0.0), results
     rows = results.count()
@@ -138,6 +178,9 @@ def summarize_run(results: Dataset, *, seconds: float | None = None) -> RunSumma
 
         print(summarize_run(run_program(qa, devset, lm=lm)))
         # 500 rows, 0 errors, 150000 prompt + 11500 completion tokens, $0.161500
+
+    ``refused`` counts the errors that were budget refusals (``BudgetExceededError``: rows of
+    which nothing was sent, or whose later requests were not).
 
     One pass over the few columns it needs, batch by batch: fine for a dataset of any size.
     """
@@ -179,15 +222,49 @@ def _run(
     metric: Any = None,
     failure_score: Any = 0.0,
     pool: Any = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> tuple[Dataset, Tally | None]:
     """Check every argument (no Ray work before that), then run; a pool run also returns its tally."""
     sizes = {"concurrency": concurrency, "threads_per_actor": threads_per_actor, "num_cpus": num_cpus}
     _check_run_arguments(program, lm, adapter, pool, sizes, batch_size, materialize, metric, failure_score)
+    run_limits = _check_run_limits(limits or {}, lm, pool, concurrency, threads_per_actor)
     inputs = _inputs(dataset, input_keys)
     spec = RunSpec(program, tuple(inputs.keys), tuple(output_columns(program, metric)), metric, float(failure_score))
+    # --- Ray work from here on.
     if pool is not None:
-        return _run_on_pool(pool, inputs, spec, batch_size)
-    return _run_on_ray_data(inputs, spec, lm, adapter, batch_size, materialize, **sizes), None
+        return _run_on_pool(pool, inputs, spec, batch_size, run_limits)
+    # A run's own ledger, else the LM's, moved into a Ray actor: never a fresh one in each worker.
+    owned = start_ledger(run_limits)
+    spec = replace(spec, limiter=owned or share_lm_ledger(lm))
+    return _run_on_ray_data(inputs, spec, lm, adapter, batch_size, materialize, owned=owned is not None, **sizes), None
+
+
+def _check_run_limits(
+    limits: Mapping[str, Any], lm: Any, pool: ProgramPool | None, concurrency: Any, threads: Any
+) -> Limits | None:
+    if pool is None:
+        return check_limits(
+            limits,
+            lm=lm,
+            where="a Ray job",
+            sizes=(concurrency or DEFAULT_CONCURRENCY, threads or DEFAULT_THREADS_PER_ACTOR),
+            existing=lm.limiter,
+            hint=on_the_lm_or_here(lm.limiter),
+        )
+    own = pool.limits is not None
+    return check_limits(
+        limits,
+        lm=pool.lm,
+        where="a run on this pool",
+        sizes=(pool.concurrency, pool.threads_per_actor),
+        existing=pool.limiter,
+        owner="the pool" if own else "the pool's lm",
+        hint=(
+            "on the pool, for all its runs, or per run on a ProgramPool(...) without limits"
+            if own
+            else f"on the lm, for all the pool's runs, or per run on ProgramPool(lm={without_limits(pool.limiter)})"
+        ),
+    )
 
 
 _RUN_OPTIONS = frozenset({"adapter", "concurrency", "threads_per_actor", "batch_size", "num_cpus", "materialize"})
@@ -223,14 +300,28 @@ def _check_run_arguments(
         check_lm(lm)
 
 
-def _run_on_pool(pool: ProgramPool, inputs: _Inputs, spec: RunSpec, batch_size: int) -> tuple[Dataset, Tally]:
+def _run_on_pool(
+    pool: ProgramPool, inputs: _Inputs, spec: RunSpec, batch_size: int, limits: Limits | None
+) -> tuple[Dataset, Tally]:
     started = time.perf_counter()
-    blocks, tally = pool._run(spec, inputs.batches(batch_size))
+    pool._check_open()  # before starting a ledger for the run
+    spec = replace(spec, limiter=start_ledger(limits))
+    try:
+        blocks, tally = pool._run(spec, inputs.batches(batch_size))
+    finally:
+        report = stop_ledger(spec.limiter)  # the run's own limits end with it
     # from_arrow_refs keeps the blocks where the workers stored them: nothing comes through the driver.
     results = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(to_block([], spec.output_columns))
     summary = tally.summary(seconds=time.perf_counter() - started, scored=spec.metric is not None)
-    logger.info("dspy_anyscale.ray: %s", summary)
+    _log_summary(summary, report if report is not None else pool._report_if_limited())
     return results, tally
+
+
+def _log_summary(summary: RunSummary, report: Any) -> None:
+    if report is None:
+        logger.info("dspy_anyscale.ray: %s", summary)
+    else:
+        logger.info("dspy_anyscale.ray: %s; limits: %s", summary, report)
 
 
 def _run_on_ray_data(
@@ -244,8 +335,13 @@ def _run_on_ray_data(
     concurrency: int | None,
     threads_per_actor: int | None,
     num_cpus: float | None,
+    owned: bool = False,
 ) -> Dataset:
-    """Today's path: a Ray Data actor pool built for this run (each actor imports DSPy: seconds)."""
+    """A Ray Data actor pool built for this run (each actor imports DSPy: seconds).
+
+    ``owned``: ``spec.limiter`` is this run's own ledger. It is stopped once the run has executed;
+    a lazy run's ledger lives as long as its dataset (the dataset holds the actor's handle).
+    """
     threads = threads_per_actor or DEFAULT_THREADS_PER_ACTOR
     started = time.perf_counter()
     results = inputs.dataset().map_batches(
@@ -258,8 +354,13 @@ def _run_on_ray_data(
     )
     if not materialize:
         return results
-    results = results.materialize()
-    logger.info("dspy_anyscale.ray: %s", summarize_run(results, seconds=time.perf_counter() - started))
+    try:
+        results = results.materialize()
+    finally:
+        report = stop_ledger(spec.limiter) if owned else None
+    if not owned and spec.limiter is not None:
+        report = spec.limiter.report()  # the LM's ledger, which the driver's LM keeps
+    _log_summary(summarize_run(results, seconds=time.perf_counter() - started), report)
     return results
 
 

@@ -1,0 +1,184 @@
+"""A job's limits on Ray: one ledger, in one Ray actor, that every worker's LM reserves from.
+
+Where a run's ledger comes from, in the order it is looked for:
+
+1. limits given to the run (``run_program(..., budget_usd=...)``): a new ledger for this run,
+   stopped when the run has executed;
+2. limits given to a :class:`ProgramPool` (``ProgramPool(lm=..., budget_usd=...)``): one ledger
+   for every run on the pool, stopped when the pool is closed;
+3. limits of the LM itself (``Anyscale(..., budget_usd=...)``): the LM's own ledger moves into a
+   Ray actor (``Limiter.share_on_ray``) and stays there, so the driver's LM keeps counting
+   against it and ``lm.spending()`` covers what the workers spent.
+
+One request counts against one ledger, so limits are given in one place: a run's limits on a
+pool (or an LM) that has limits of its own are refused, as are a pool's on an LM that has some.
+``max_concurrency`` is refused for a job: the limiter's gate holds in one process, and a job's
+requests in flight are already bounded by ``concurrency x threads_per_actor``.
+
+Everything here that could fail on the arguments runs before any Ray work (``check_limits``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from .. import _constants as C
+from ..anyscale import LIMIT_OPTIONS, Anyscale
+from ..errors import BudgetExceededError, ConfigurationError
+from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
+from ._ray import ray
+
+logger = logging.getLogger(C.LOGGER_NAME)
+
+AnyLimiter = Limiter | UnlimitedLimiter
+
+
+def describe(limits: Limits) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in limits.as_kwargs().items())
+
+
+def check_limits(
+    options: Mapping[str, Any],
+    *,
+    lm: Anyscale,
+    where: str,
+    sizes: tuple[int, int],
+    existing: AnyLimiter | None = None,
+    owner: str = "the lm",
+    hint: str = "",
+) -> Limits | None:
+    """The job's ``Limits`` from the five options (None when none is set), checked against the LM
+    whose requests they will hold: no Ray work, every failure a ``ConfigurationError`` naming the option.
+
+    ``where`` names the call in messages; ``sizes`` is (concurrency, threads_per_actor), for the
+    message refusing ``max_concurrency``; ``existing`` is a limiter the requests already count
+    against, ``owner`` says whose, and ``hint`` how to set the limits in one place.
+    """
+    limits = Limits(**{name: options.get(name) for name in LIMIT_OPTIONS})  # refuses bad values, by name
+    if limits.max_concurrency is not None:
+        concurrency, threads = sizes
+        raise ConfigurationError(
+            f"max_concurrency={limits.max_concurrency}: {where} cannot hold it. A concurrency limit holds in one "
+            f"process, and a job runs in many: its requests in flight are at most concurrency x threads_per_actor "
+            f"({concurrency} x {threads} = {concurrency * threads} here), so choose those two, with a product of at "
+            f"most {limits.max_concurrency}. (An lm built with max_concurrency=N keeps N in each worker.)"
+        )
+    if not limits.enabled:
+        return None
+    named = ", ".join(limits.as_kwargs())
+    if existing is not None and existing.enabled:
+        raise ConfigurationError(
+            f"{named}: {where} cannot have limits of its own here: its requests already count against {owner}'s "
+            f"({describe(existing.limits)}), and a request counts against one ledger. Set the limits in one "
+            f"place: {hint}"
+        )
+    if limits.budget_usd is not None and lm.engine.prices is None:
+        raise ConfigurationError(
+            f"budget_usd needs prices to know what a request can cost, and {lm.model!r} has none: build the lm with "
+            "prices={'input': ..., 'output': ...} (USD per million tokens)"
+        )
+    if (limits.budget_usd is not None or limits.tokens_per_minute is not None) and lm.kwargs.get("max_tokens") is None:
+        raise ConfigurationError(
+            f"{named}: a budget and a token rate reserve each request's worst case, prompt + max_tokens, and this "
+            "lm has max_tokens=None: build it with max_tokens set"
+        )
+    return limits
+
+
+def on_the_lm_or_here(limiter: AnyLimiter) -> str:
+    return f"on the lm (every worker then shares its ledger), or here, with an lm without: {without_limits(limiter)}"
+
+
+def without_limits(limiter: AnyLimiter) -> str:
+    """``lm.copy(...)`` that gives the same LM without its limits, for messages."""
+    return f"lm.copy({', '.join(f'{name}=None' for name in limiter.limits.as_kwargs())})"
+
+
+def start_ledger(limits: Limits | None) -> Limiter | None:
+    """A new ledger in a Ray actor for ``limits`` (None for none). The actor starts while the workers do."""
+    if limits is None:
+        return None
+    limiter = Limiter(limits)
+    limiter.share_on_ray()
+    return limiter
+
+
+def share_lm_ledger(lm: Anyscale) -> Limiter | None:
+    """The LM's own limiter with its ledger moved into a Ray actor (idempotent), or None if it has no limits.
+
+    The driver's LM keeps it: its own calls and ``lm.spending()`` go to the same ledger as the workers'.
+    """
+    limiter = lm.limiter
+    if not limiter.enabled:
+        return None
+    limiter.share_on_ray()  # type: ignore[union-attr]
+    return limiter  # type: ignore[return-value]
+
+
+def stop_ledger(limiter: Limiter | None) -> SpendReport | None:
+    """The final report of a ledger this package started, then its actor stopped. Never raises."""
+    if limiter is None:
+        return None
+    report = None
+    try:
+        report = limiter.report()
+    except Exception:  # the actor died with its node, Ray was shut down: there is nothing left to report
+        logger.debug("dspy_anyscale.ray: could not read the job's ledger", exc_info=True)
+    handle = getattr(limiter.backend, "handle", None)
+    if handle is not None and ray.is_initialized():
+        ray.kill(handle, no_restart=True)
+    return report
+
+
+def flush(limiter: AnyLimiter | None) -> None:
+    """Wait until the ledger has applied every settlement this process sent it (a Ray ledger sends
+    them without waiting): a batch's spending is on the ledger before its results are."""
+    backend = getattr(limiter, "backend", None)
+    if backend is not None and hasattr(backend, "flush"):
+        backend.flush()
+
+
+# --- in a worker: a refusal, and whether the cap behind it is used up ---------------------------------
+
+BUDGET_ERROR = BudgetExceededError.__name__
+
+
+def budget_refusal(exc: BaseException) -> BudgetExceededError | None:
+    """The ``BudgetExceededError`` behind ``exc`` (itself, or one a program wrapped), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BudgetExceededError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def used_up(refusal: BudgetExceededError) -> str | None:
+    """Why no request like the refused one can ever be admitted again, or None if one may be.
+
+    A refusal counts what is in flight too: those requests may settle for less than their worst
+    case, or fail unbilled, and make room. What is spent and made only grows, so when those alone
+    leave no room the cap is used up, and the run stops sending.
+    """
+    if refusal.limit == "max_requests":
+        if refusal.max_requests is not None and refusal.requests >= refusal.max_requests:
+            return f"max_requests={refusal.max_requests} are used up ({refusal.requests} requests made)"
+        return None
+    if refusal.budget_usd is None:
+        return None
+    if _pico(refusal.spent_usd) + _pico(refusal.request_usd) > _pico(refusal.budget_usd):
+        left = max(0.0, refusal.budget_usd - refusal.spent_usd)
+        return (
+            f"budget_usd is used up: ${refusal.spent_usd:.6f} spent of ${refusal.budget_usd:g}, and the ${left:.6f} "
+            f"left is less than a request's worst case (${refusal.request_usd:.6f})"
+        )
+    return None
+
+
+def _pico(usd: float) -> int:
+    """Back to the ledger's integer pico-USD: its figures came as ``pico / 1e12``, so rounding is exact."""
+    return round(usd * 1e12)
