@@ -39,9 +39,10 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 600.0
 # A longer limit is not a timeout (and overflows the socket layer's arithmetic).
 MAX_TIMEOUT = 86_400.0
-# Connections kept per host. Sized for dspy.Parallel / ThreadPoolExecutor fan-out: a pool
-# smaller than the thread count serialises requests behind a free socket.
-DEFAULT_POOL_SIZE = 64
+# Connections per host. Async: aiohttp's limit per event loop, a real cap (64 turned 256 concurrent
+# acall into 4 waves; DSPy's own route allows 100). Sync: requests' pool_maxsize, the connections kept
+# for reuse, opened lazily, so a large value costs nothing until threads use it.
+DEFAULT_POOL_SIZE = 256
 USER_AGENT = f"dspy-anyscale/{__version__}"
 
 # --- Generation defaults ---------------------------------------------------------------------

@@ -72,31 +72,47 @@ async def astream_text(call: Callable[[], Awaitable[Response]]) -> AsyncIterator
 class _BackgroundLoop:
     """One event loop in a daemon thread per process, shared by all sync streams.
 
-    Sync streams run their coroutine here, so the loop's pooled HTTP client (and its TLS setup)
-    is built once, not once per call. Recreated after a fork; shut down cleanly at exit, which
-    closes the client inside its own loop.
+    Sync streams run their coroutine here, so the loop's pooled HTTP session (and its TLS setup)
+    is built once, not once per call. Shut down cleanly at exit, which closes the session inside
+    its own loop. A forked child starts its own loop on first use and never touches the
+    parent's: that loop's selector (one epoll instance) and wake-up pipe are shared with the
+    parent, so closing or waking it from the child would disturb the parent's loop.
     """
 
     _lock = threading.Lock()
     _loop: asyncio.AbstractEventLoop | None = None
-    _pid: int | None = None
 
     @classmethod
     def get(cls) -> asyncio.AbstractEventLoop:
         with cls._lock:
-            if cls._loop is None or cls._pid != os.getpid() or cls._loop.is_closed():
-                cls._loop, cls._pid = asyncio.new_event_loop(), os.getpid()
-                threading.Thread(target=cls._loop.run_forever, name="dspy-anyscale-loop", daemon=True).start()
-                atexit.register(cls._shutdown, cls._loop)
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="dspy-anyscale-loop", daemon=True)
+                thread.start()
+                atexit.register(cls._shutdown, loop, thread, os.getpid())
+                cls._loop = loop
             return cls._loop
 
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        # The parent's loop thread does not exist here, and a parent thread may have held the lock.
+        cls._lock = threading.Lock()
+        cls._loop = None
+
     @staticmethod
-    def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
-        if loop.is_closed() or not loop.is_running():
-            return
+    def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, pid: int) -> None:
+        if os.getpid() != pid or loop.is_closed() or not thread.is_alive():
+            return  # an inherited loop: never run, stop or close it from a forked child
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=5)
         loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_BackgroundLoop._after_fork_in_child)
 
 
 def stream_text(call: Callable[[], Awaitable[Response]]) -> Iterator[str]:

@@ -250,7 +250,7 @@ class AnyscaleEngine(_EngineBase):
 
 
 class AsyncAnyscaleEngine(_EngineBase):
-    """Async engine: awaits I/O on the caller's event loop, no thread pool."""
+    """Async engine on aiohttp: awaits I/O on the caller's event loop (one session per loop), no thread pool."""
 
     transport: AsyncTransport
 

@@ -93,6 +93,11 @@ def _check_template(template: str | None) -> str | None:
     return template
 
 
+def _as_secret(api_key: Any) -> Any:
+    """The key wrapped (its repr says ***); other values as they are, for the checks to refuse."""
+    return Secret(api_key) if isinstance(api_key, str) else api_key
+
+
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{name} must be True or False, got {value!r}")
@@ -234,7 +239,8 @@ class Anyscale(HFModel):
         **kwargs: Any,
     ) -> None:
         # First: a traceback that captures locals (Sentry) must never find the key in this frame.
-        api_key = Secret(api_key) if isinstance(api_key, str) else api_key
+        key = _as_secret(api_key)
+        del api_key
         _check_model(model)
         carried, extras = split_constructor_kwargs(kwargs)
         check_value("temperature", temperature)
@@ -265,7 +271,7 @@ class Anyscale(HFModel):
         check_value("cache", cache)
         _check_limits(settings, model, max_tokens)
         self._limiter = Limiter.for_limits(settings.limits)
-        engine, async_engine, self._recorder = self._connect(settings, api_key, model, self._limiter)
+        engine, async_engine, self._recorder = self._connect(settings, key, model, self._limiter)
         self._settings = settings
         super().__init__(
             model,
@@ -381,8 +387,9 @@ class Anyscale(HFModel):
         """
         from ._models import list_models
 
-        api_key = Secret(api_key) if isinstance(api_key, str) else api_key  # out of this frame's locals
-        return list_models(resolve_endpoint(api_base, api_key), resolve_timeout(timeout), check_headers(headers))
+        key = _as_secret(api_key)
+        del api_key  # out of this frame's locals
+        return list_models(resolve_endpoint(api_base, key), resolve_timeout(timeout), check_headers(headers))
 
     # --- direct calls ------------------------------------------------------------------------------
 

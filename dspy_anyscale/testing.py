@@ -14,6 +14,8 @@ Pass ``responder=`` to answer otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import random
 import re
@@ -42,8 +44,15 @@ class Fault:
 
     status/headers/body: answer with this status (``body`` as JSON if not bytes).
     reset: close the connection without answering (a connection reset).
+    close: close the connection without answering, cleanly (FIN): what a server does to a
+        kept-alive connection it has timed out, seen by a client that sends on it just then.
     delay: seconds to wait before answering normally (or before the fault).
     stream_cut_after: for a streamed request, send this many chunks and then drop the connection.
+    body_cut_after: send the status line, the headers (with the full Content-Length) and only
+        this many bytes of the body, then close the connection (a server that died mid-answer).
+    ignore_stream: answer a streamed request with one plain JSON completion (a server or gateway
+        that ignores ``stream: true``).
+    gzip: send the JSON answer gzip-compressed (``Content-Encoding: gzip``).
     path: only requests whose path ends with this (default: any).
     """
 
@@ -51,8 +60,12 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
     reset: bool = False
+    close: bool = False
     delay: float = 0.0
     stream_cut_after: int | None = None
+    body_cut_after: int | None = None
+    ignore_stream: bool = False
+    gzip: bool = False
     path: str | None = None
 
 
@@ -76,6 +89,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any] | None
+    peer: tuple[str, int] | None = None  # the client's address: one per connection
 
 
 def dspy_field_responder(endpoint: str, body: dict[str, Any]) -> str:
@@ -231,7 +245,9 @@ class StubServer:
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 256  # listen() backlog: a burst of 64+ connections must not be refused
+    # listen() backlog: a burst of 256 new connections (a benchmark's fan-out) must all be queued,
+    # not refused or left to SYN retries (1 s each), while the accept loop starts their threads.
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout, reset) is part of the tests, not a server error.
@@ -251,11 +267,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    def _send_json(
+        self, status: int, payload: Any, headers: dict[str, str] | None = None, fault: Fault | None = None
+    ) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = dict(headers or {})
+        if fault is not None and fault.gzip:
+            data = gzip.compress(data)
+            headers["Content-Encoding"] = "gzip"
         self.send_response(status)
         content_type = "application/json"
-        for name, value in (headers or {}).items():
+        for name, value in headers.items():
             if name.lower() == "content-type":
                 content_type = value
             else:
@@ -264,10 +286,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-request-id", self._request_id())
         self.end_headers()
+        if fault is not None and fault.body_cut_after is not None:
+            self.wfile.write(data[: fault.body_cut_after])
+            self.wfile.flush()
+            self._close_connection()
+            return
         self.wfile.write(data)
 
     def _request_id(self) -> str:
         return f"req-{len(self.stub.requests)}"
+
+    def _close_connection(self) -> None:
+        # shutdown() sends the FIN now; close() alone would wait for the handler to return.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _reset_connection(self) -> None:
         # SO_LINGER 0: close() sends RST instead of FIN, as a crashed peer or a proxy would.
@@ -292,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- routes --------------------------------------------------------------------------------
 
     def do_GET(self) -> None:
-        self.stub._record(RecordedRequest("GET", self.path, dict(self.headers), None))
+        self.stub._record(RecordedRequest("GET", self.path, dict(self.headers), None, self.client_address))
         if not self._authorized():
             return
         if self.path.rstrip("/").endswith("/models"):
@@ -312,17 +345,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         body = self._read_body()
-        self.stub._record(RecordedRequest("POST", self.path, dict(self.headers), body))
+        self.stub._record(RecordedRequest("POST", self.path, dict(self.headers), body, self.client_address))
         fault = self.stub._next_fault(self.path)
         time.sleep(self.stub.latency + (fault.delay if fault else 0.0))
         if fault and fault.reset:
             self._reset_connection()
+            return
+        if fault and fault.close:
+            self._close_connection()
             return
         if fault and fault.status is not None:
             self._send_json(
                 fault.status,
                 fault.body if fault.body is not None else {"error": {"message": "scripted"}},
                 fault.headers,
+                fault,
             )
             return
         if not self._authorized():
@@ -332,10 +369,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404 if body is not None else 400, {"error": {"message": "bad request"}})
             return
         answer = self.stub.responder(endpoint, body)
-        if body.get("stream"):
+        if body.get("stream") and not (fault and fault.ignore_stream):
             self._stream(endpoint, body, answer, fault)
         else:
-            self._send_json(200, _completion(endpoint, body, answer, self.stub.model))
+            self._send_json(200, _completion(endpoint, body, answer, self.stub.model), fault=fault)
 
     def _stream(self, endpoint: str, body: dict[str, Any], answer: str | dict[str, Any], fault: Fault | None) -> None:
         self.send_response(200)

@@ -55,7 +55,7 @@ def test_each_good_value_passes_its_own_check(name):
 
 
 def test_the_derived_sets_partition_the_table():
-    assert DSPY_GENERATION_KEYS | DSPY_CALL_KEYS == set(PARAMETERS)
+    assert set(PARAMETERS) == DSPY_GENERATION_KEYS | DSPY_CALL_KEYS
     assert not DSPY_GENERATION_KEYS & DSPY_CALL_KEYS
     assert TOOL_KEYS <= DSPY_GENERATION_KEYS
 

@@ -1,0 +1,215 @@
+"""What the sync and async HTTP stacks share, so that each of them only does I/O.
+
+Headers, the replies handed to the engine, status and body checks, the translation of a failure
+into a ``dspy.lm15`` error (one message per kind, the same ``METHOD URL`` wording, redaction),
+the rule for resending a request on a stale kept-alive connection, and the scrubbing that keeps
+the API key out of the frames of a failed request. No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from dspy import lm15
+
+from . import _constants as C
+from ._config import Timeout
+from ._http_errors import PROVIDER, error_for_status, redact, unexpected_body
+from ._secrets import Secret, is_secret_header  # a Secret's repr and str say ***
+
+logger = logging.getLogger(C.LOGGER_NAME)
+
+
+class HiddenHeaderValue(str):
+    """A header value whose ``repr`` is masked: header dicts are locals of many library frames.
+
+    It is still a ``str`` with the real value, so every HTTP library sends it unchanged.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def reveal(secret: Secret | str | None) -> str | None:
+    """The key itself, for the one place that needs it (the header) and for typed callees."""
+    value = secret.reveal() if isinstance(secret, Secret) else secret
+    return value or None
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """An open streamed answer: its status, the server's request id, and the byte chunks."""
+
+    status: int
+    request_id: str | None
+    chunks: Any  # Iterator[bytes] or AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class JsonReply:
+    """A parsed 2xx JSON answer and what observability needs from the exchange."""
+
+    data: dict[str, Any]
+    status: int
+    request_id: str | None
+    elapsed: float
+
+
+def build_headers(api_key: Secret | str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers of every request. Both stacks send exactly these (compression included)."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        # Stated here rather than left to each library's default, so both stacks ask the same.
+        "Accept-Encoding": "gzip, deflate",
+        "User-Agent": C.USER_AGENT,
+    }
+    if reveal(api_key):
+        headers["Authorization"] = HiddenHeaderValue(f"Bearer {reveal(api_key)}")
+    for name, value in (extra or {}).items():
+        headers[name] = HiddenHeaderValue(value) if is_secret_header(name, value) else value
+    return headers
+
+
+def parse_json_body(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    url: str,
+    secret: Secret | str | None,
+    method: str,
+) -> dict[str, Any]:
+    """The JSON object of a 2xx answer, or the lm15 error for anything else."""
+    data: Any = None
+    if 200 <= status <= 299:
+        why = "Expected a JSON body"
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(data, dict):
+                return data
+            why = "Expected a JSON object"
+        error: Exception = unexpected_body(url, status, body, why, reveal(secret), method)
+    else:
+        error = error_for_status(status, body, headers, url=url, secret=reveal(secret), method=method)
+    # A server may quote the key back; error reporters record frame locals, so the raw answer goes.
+    del body, data
+    raise error
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """Whether a streamed 2xx answer came back as one JSON document instead of an event stream."""
+    return content_type is not None and content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def json_reply(data: dict[str, Any], status: int, headers: Mapping[str, str], started: float) -> JsonReply:
+    return JsonReply(data, status, headers.get("x-request-id"), time.perf_counter() - started)
+
+
+def log_exchange(method: str, url: str, status: int | str, started: float) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s %s -> %s in %.1f ms", method, url, status, (time.perf_counter() - started) * 1000)
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+class Failure(enum.Enum):
+    """What went wrong, as each stack classifies its own exceptions."""
+
+    CONNECT_TIMEOUT = "connect"
+    READ_TIMEOUT = "read"
+    INVALID_URL = "invalid URL"
+    TRANSPORT = "transport"
+
+
+class Translator:
+    """The one place an HTTP failure of either stack becomes a ``dspy.lm15`` error.
+
+    Holds what every message needs (the limits, the key to redact) so the stacks pass only
+    the failure, the request line and the exception.
+    """
+
+    __slots__ = ("_secret", "_timeout")
+
+    def __init__(self, timeout: Timeout, secret: Secret) -> None:
+        self._timeout = timeout
+        self._secret = secret
+
+    def failure(self, kind: Failure, method: str, url: str, exc: BaseException) -> lm15.LM15Error:
+        where = f"{method} {url}"
+        detail = redact(describe(exc), reveal(self._secret))
+        scrub_frames(exc)
+        if kind is Failure.CONNECT_TIMEOUT or kind is Failure.READ_TIMEOUT:
+            limit = self._timeout.connect if kind is Failure.CONNECT_TIMEOUT else self._timeout.read
+            return lm15.TimeoutError(
+                f"{where} timed out ({kind.value} timeout {limit:g}s): {detail}", provider=PROVIDER
+            )
+        if kind is Failure.INVALID_URL:
+            return lm15.ConfigurationError(f"{where}: invalid URL: {detail}", provider=PROVIDER)
+        return lm15.TransportError(f"{where} failed: {detail}", provider=PROVIDER)
+
+    def json(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> dict[str, Any]:
+        return parse_json_body(status, body, headers, url=url, secret=self._secret, method=method)
+
+    def status(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> lm15.LM15Error:
+        """The error for a non-2xx answer (``headers`` case-insensitive)."""
+        return error_for_status(status, body, headers, url=url, secret=reveal(self._secret), method=method)
+
+    def not_a_stream(self, status: int, body: bytes, method: str, url: str) -> Exception:
+        """A streamed request answered with one JSON document (a server that ignored ``stream``)."""
+        return unexpected_body(url, status, body, "Expected an event stream", reveal(self._secret), method)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an HTTP library error, falling back to its cause (resets often carry no text)."""
+    text = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def scrub_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished library frames behind a failure (the exception and its chain).
+
+    Those frames hold the request's headers and the serialised request, ``Authorization``
+    included; error reporters that capture locals would record the key. The frames stay in the
+    traceback (file, line, function); only their variables go. Frames still running, ours among
+    them, are left alone by ``clear_frames``.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        pending += (current.__cause__, current.__context__, *getattr(current, "exceptions", ()))
+
+
+# --- resending on a stale kept-alive connection ------------------------------------------------
+
+
+def may_resend(attempt: int, *, reused: bool | None, closed_before_response: bool) -> bool:
+    """Whether a failed request is sent again at once, without counting as one of DSPy's retries.
+
+    Only the first attempt, only when the server closed the connection before any byte of a
+    response (it never saw, or never answered, the request: a pooled keep-alive connection it had
+    already closed), and only on a connection that had carried an earlier request. Once a response
+    has started, the server has started generating: resending would pay for the answer twice.
+    ``reused=None`` means the connection layer could not tell (a mocked adapter): the exception's
+    signature decides alone.
+    """
+    return attempt == 0 and closed_before_response and reused is not False
