@@ -267,8 +267,8 @@ def test_an_invalid_url_is_a_configuration_error():
 def test_a_connect_timeout_is_classified_as_one():
     import aiohttp
 
-    from dspy_anyscale import _transport_aiohttp as stack
-    from dspy_anyscale._transport_common import Failure
+    from dspy_anyscale._transport import aiohttp_stack as stack
+    from dspy_anyscale._transport.common import Failure
 
     assert stack.classify(aiohttp.ConnectionTimeoutError("Connection timeout")) is Failure.CONNECT_TIMEOUT
     assert stack.classify(aiohttp.SocketTimeoutError("Timeout on reading")) is Failure.READ_TIMEOUT
@@ -413,7 +413,7 @@ def test_importing_the_package_does_not_import_aiohttp():
     code = (
         "import sys, dspy_anyscale, dspy_anyscale._transport\n"
         "assert 'aiohttp' not in sys.modules, 'aiohttp imported at import time'\n"
-        "assert 'dspy_anyscale._transport_aiohttp' not in sys.modules\n"
+        "assert 'dspy_anyscale._transport.aiohttp_stack' not in sys.modules\n"
     )
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": PACKAGE_ROOT}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
@@ -476,7 +476,7 @@ def test_an_https_endpoint_through_a_proxy_sends_only_proxy_credentials_in_the_c
     ],
 )
 def test_the_proxy_for_a_base_url_comes_from_the_environment(monkeypatch, variables, base_url, expected):
-    from dspy_anyscale._transport_env import read_environment
+    from dspy_anyscale._transport.env import read_environment
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -489,7 +489,7 @@ def test_the_proxy_for_a_base_url_comes_from_the_environment(monkeypatch, variab
 
 
 def test_the_ca_bundle_variables_are_honoured_in_order(monkeypatch):
-    from dspy_anyscale._transport_env import read_environment
+    from dspy_anyscale._transport.env import read_environment
 
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -504,7 +504,7 @@ def test_the_ca_bundle_variables_are_honoured_in_order(monkeypatch):
 def test_the_tls_context_verifies_and_is_built_once():
     import ssl
 
-    from dspy_anyscale._transport_env import ssl_context
+    from dspy_anyscale._transport.env import ssl_context
 
     context = ssl_context(None)
     assert context is ssl_context(None)

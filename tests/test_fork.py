@@ -39,7 +39,7 @@ def child(lm, index: int, mode: str, results) -> None:
             if answer != f"echo: {question}":
                 wrong.append((question, answer))
         # Let go of everything inherited from the parent, as an exiting interpreter would.
-        from dspy_anyscale import _transport_loops
+        from dspy_anyscale._transport import loops as _transport_loops
 
         _transport_loops._inherited.clear()
         gc.collect()

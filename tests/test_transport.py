@@ -15,11 +15,11 @@ from dspy import lm15
 from urllib3.exceptions import NewConnectionError, ProtocolError
 
 from dspy_anyscale import _constants as C
-from dspy_anyscale import _transport_sync
 from dspy_anyscale._config import Endpoint, Timeout
 from dspy_anyscale._transport import SyncTransport
-from dspy_anyscale._transport_common import Failure
-from dspy_anyscale._transport_urllib3 import _Connection, _Response, parse_head
+from dspy_anyscale._transport import sync as _transport_sync
+from dspy_anyscale._transport.common import Failure
+from dspy_anyscale._transport.urllib3_stack import _Connection, _Response, parse_head
 from dspy_anyscale.errors import UnexpectedResponseError
 from dspy_anyscale.testing import Fault
 

@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from . import _constants as C
-from . import _transport_fork as fork
-from ._config import Endpoint, Timeout
-from ._transport_common import (
+from .. import _constants as C
+from .._config import Endpoint, Timeout
+from . import fork
+from .common import (
     JsonReply,
     Secret,
     StreamReply,
@@ -31,8 +31,8 @@ from ._transport_common import (
     logger,
     may_resend,
 )
-from ._transport_env import read_environment
-from ._transport_loops import PerLoop
+from .env import read_environment
+from .loops import PerLoop
 
 if TYPE_CHECKING:
     import aiohttp
@@ -44,14 +44,14 @@ def _aiohttp() -> Any:
     """The aiohttp-specific module, imported on first use."""
     global _stack
     if _stack is None:
-        from . import _transport_aiohttp
+        from . import aiohttp_stack
 
-        _stack = _transport_aiohttp
+        _stack = aiohttp_stack
     return _stack
 
 
 class _SessionFactory:
-    """Opens a loop's session; holds the settings, never the transport (see _transport_loops)."""
+    """Opens a loop's session; holds the settings, never the transport (see loops)."""
 
     def __init__(self, endpoint: Endpoint, timeout: Timeout, headers: dict[str, str], pool_size: int) -> None:
         self._headers = headers

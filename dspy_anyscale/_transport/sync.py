@@ -3,7 +3,7 @@
 The fast path skips ``requests.Session.request`` (cookie jars, netrc lookups, re-reading proxy
 variables and re-parsing the URL on every call) and hands a pre-built ``PreparedRequest``
 straight to ``HTTPAdapter.send``; going through the adapter keeps ``responses``-based tests
-valid. The connections below the adapter are ours (``_transport_urllib3``).
+valid. The connections below the adapter are ours (``urllib3_stack``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-from . import _constants as C
-from . import _transport_fork as fork
-from . import _transport_urllib3 as urllib3_stack
-from ._config import Endpoint, Timeout
-from ._transport_common import (
+from .. import _constants as C
+from .._config import Endpoint, Timeout
+from . import fork, urllib3_stack
+from .common import (
     Failure,
     JsonReply,
     Secret,
@@ -39,7 +38,7 @@ from ._transport_common import (
     logger,
     may_resend,
 )
-from ._transport_env import read_environment
+from .env import read_environment
 
 # The signature of a peer that had closed the connection before answering: resent once at once.
 _CLOSED_BY_PEER = (RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)

@@ -16,15 +16,15 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from ._config import Timeout
-from ._transport_common import Failure, HiddenHeaderValue
-from ._transport_env import Proxy, ssl_context
+from .._config import Timeout
+from .common import Failure, HiddenHeaderValue
+from .env import Proxy, ssl_context
 
 # Everything a request, its body or a stream can raise that is the network's fault, not ours.
 ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 # aiohttp resends these methods once by itself when a kept-alive connection fails; we add the
-# same for the rest (POST), under the stricter rule in _transport_common.may_resend.
+# same for the rest (POST), under the stricter rule in common.may_resend.
 RESENT_BY_AIOHTTP = frozenset(getattr(aiohttp.client, "IDEMPOTENT_METHODS", ()))
 
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})

@@ -19,10 +19,10 @@ from typing import Any
 import orjson
 from dspy import lm15
 
-from . import _constants as C
-from ._config import Timeout
-from ._http_errors import PROVIDER, error_for_status, redact, unexpected_body
-from ._secrets import Secret, is_secret_header  # a Secret's repr and str say ***
+from .. import _constants as C
+from .._config import Timeout
+from .._http_errors import PROVIDER, error_for_status, redact, unexpected_body
+from .._secrets import Secret, is_secret_header  # a Secret's repr and str say ***
 
 logger = logging.getLogger(C.LOGGER_NAME)
 

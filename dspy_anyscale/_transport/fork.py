@@ -14,7 +14,7 @@ import os
 import weakref
 from typing import Protocol
 
-from . import _constants as C
+from .. import _constants as C
 
 logger = logging.getLogger(C.LOGGER_NAME)
 

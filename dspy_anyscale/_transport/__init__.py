@@ -1,0 +1,30 @@
+"""HTTP for the sync and async paths, and the one place HTTP failures become ``dspy.lm15`` errors.
+
+The pieces, one job each:
+
+- ``common``: what both stacks share: headers, replies, status and body checks, the
+  translation of failures into lm15 errors, the stale-connection resend rule, key scrubbing.
+- ``sync``: ``requests``' adapter (``SyncTransport``); ``urllib3_stack``: the
+  urllib3 connections below it (one send per request, a lean response-head parser).
+- ``asynchronous``: aiohttp, one session per event loop (``AsyncTransport``); aiohttp itself
+  is imported by ``aiohttp_stack`` on the first async request.
+- ``loops``: one resource per running event loop, released when the loop ends.
+- ``env``: proxies and CA bundle, read once per transport.
+- ``fork``: fresh connections in a forked child.
+"""
+
+from __future__ import annotations
+
+from .asynchronous import AsyncTransport
+from .common import JsonReply, Secret, StreamReply, build_headers, parse_json_body
+from .sync import SyncTransport
+
+__all__ = [
+    "AsyncTransport",
+    "JsonReply",
+    "Secret",
+    "StreamReply",
+    "SyncTransport",
+    "build_headers",
+    "parse_json_body",
+]
