@@ -3,8 +3,10 @@
     python benchmarks/import_time.py [--runs 15]
 
 Measured on a regular (non-editable) install of this checkout into a temporary directory, with
-bytecode caching on, as a user gets it: ``pip install -e`` adds an import hook of its own, and
-``PYTHONDONTWRITEBYTECODE=1`` makes every run recompile the package. Fresh interpreters alternate
+bytecode caching on, as a user gets it: ``pip install -e`` adds an import hook of its own (a
+meta-path finder that would shadow the copy, so the interpreters run with ``-S`` and the
+site-packages on ``PYTHONPATH``), and ``PYTHONDONTWRITEBYTECODE=1`` makes every run recompile the
+package. Fresh interpreters alternate
 between the two commands so machine noise hits both alike; it prints the medians, their
 difference, and the cumulative figure ``python -X importtime`` gives for the package alone.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import site
 import statistics
 import subprocess
 import sys
@@ -35,21 +38,32 @@ def main() -> None:
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, str(ROOT)], check=True
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["PYTHONPATH"] = target
+        env["PYTHONPATH"] = os.pathsep.join([target, *site.getsitepackages()])
+        python = [sys.executable, "-S"]  # no .pth files: no editable-install finder in front of the copy
 
         def once(code: str) -> float:
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, env=env)
+            subprocess.run([*python, "-c", code], check=True, env=env, cwd=target)
             return time.perf_counter() - started
 
+        where = subprocess.run(
+            [*python, "-c", "import dspy_anyscale; print(dspy_anyscale.__file__)"],
+            env=env,
+            cwd=target,  # not the checkout, whose dspy_anyscale/ would come first on sys.path
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert where.startswith(target), f"measured the wrong copy: {where}"
         once(WITH_PACKAGE)  # writes the bytecode, warms the file cache
         base, ours = [], []
         for _ in range(args.runs):
             base.append(once(BASELINE))
             ours.append(once(WITH_PACKAGE))
         trace = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", WITH_PACKAGE],
+            [*python, "-X", "importtime", "-c", WITH_PACKAGE],
             env=env,
+            cwd=target,
             capture_output=True,
             text=True,
             check=True,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractContextManager, AsyncExitStack, ExitStack
 from dataclasses import asdict
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from dspy import lm15
 from dspy.clients.engines.base import validate_request
@@ -37,7 +37,10 @@ from ._transport import AsyncTransport, JsonReply, StreamReply, SyncTransport
 from ._wire import WireCall, WireOptions, build_call, parse_response
 from .catalog import Prices
 from .errors import RetryWaitTooLongError
-from .limits import UNLIMITED, Estimate, Limiter, Permit, UnlimitedLimiter
+from .limits import UNLIMITED, Permit, UnlimitedLimiter
+
+if TYPE_CHECKING:
+    from .limits import Estimate, Limiter
 
 _E = TypeVar("_E", bound="_EngineBase")
 
@@ -98,7 +101,11 @@ class _EngineBase:
 
     def _estimate(self, call: WireCall) -> Estimate | None:
         """The request's worst case, when a limit needs one (a budget, a token rate)."""
-        return Estimate.for_payload(call.payload, self.prices) if self.limiter.needs_estimate else None
+        if not self.limiter.needs_estimate:
+            return None
+        from .limits import Estimate  # only LMs with a budget or a token rate get here
+
+        return Estimate.for_payload(call.payload, self.prices)
 
     def _url(self, call: WireCall) -> str:
         return self.transport.endpoint.url(call.path)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 
@@ -25,8 +25,11 @@ from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
 from .errors import ConfigurationError
 from .hf_model import HFModel
-from .limits import Limiter, Limits, SpendReport, UnlimitedLimiter
+from .limits import UNLIMITED, Limits, UnlimitedLimiter
 from .tracing import check_tracing, tracing_observer
+
+if TYPE_CHECKING:
+    from .limits import Limiter, SpendReport
 from .usage import UsageRecord, UsageRecorder
 
 # The limiter's constructor options (Limits' fields, in its order).
@@ -126,6 +129,14 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
 
 
 _STYLES = ("auto", "openai", "anyscale")
+
+
+def _limiter_for(limits: Limits) -> Limiter | UnlimitedLimiter:
+    if not limits.enabled:
+        return UNLIMITED  # an LM without limits pays for nothing
+    from .limits import Limiter
+
+    return Limiter(limits)
 
 
 def _check_limits(settings: _Settings, model: str, max_tokens: int | None) -> None:
@@ -270,7 +281,7 @@ class Anyscale(HFModel):
         _check_count("num_retries", num_retries, 0)
         check_value("cache", cache)
         _check_limits(settings, model, max_tokens)
-        self._limiter = Limiter.for_limits(settings.limits)
+        self._limiter = _limiter_for(settings.limits)
         engine, async_engine, self._recorder = self._connect(settings, key, model, self._limiter)
         self._settings = settings
         super().__init__(

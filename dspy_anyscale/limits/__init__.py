@@ -42,15 +42,42 @@ attached to a shared ledger, so no process ever gets a fresh full budget of its 
 concurrency gate is per process: on Ray, ``max_concurrency`` bounds each worker.
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from ..errors import BudgetExceededError, LimiterTimeoutError
-from ._backends import DetachedLedger, LedgerBackend, LocalLedger
-from ._clock import SYSTEM_CLOCK, Clock, SystemClock
+
+# Loaded with the package: what an LM without limits needs (it pays for nothing else).
 from ._config import Limits
-from ._estimate import Estimate, estimate_prompt_tokens, estimate_text_tokens
-from ._limiter import Limiter
 from ._permit import NO_PERMIT, Permit, may_have_been_billed
-from ._report import SpendReport
 from ._unlimited import UNLIMITED, UnlimitedLimiter
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from ..errors import BudgetExceededError, LimiterTimeoutError
+    from ._backends import DetachedLedger, LedgerBackend, LocalLedger
+    from ._clock import SYSTEM_CLOCK, Clock, SystemClock
+    from ._estimate import Estimate, estimate_prompt_tokens, estimate_text_tokens
+    from ._limiter import Limiter
+    from ._ray import RayLedger  # noqa: F401  (a lazy name, not in __all__: it needs Ray)
+    from ._report import SpendReport
+
+# Loaded on first use, by the LMs that have limits.
+_LAZY = {
+    "DetachedLedger": "._backends",
+    "LedgerBackend": "._backends",
+    "LocalLedger": "._backends",
+    "SYSTEM_CLOCK": "._clock",
+    "Clock": "._clock",
+    "SystemClock": "._clock",
+    "BudgetExceededError": "..errors",
+    "LimiterTimeoutError": "..errors",
+    "Estimate": "._estimate",
+    "estimate_prompt_tokens": "._estimate",
+    "estimate_text_tokens": "._estimate",
+    "Limiter": "._limiter",
+    "SpendReport": "._report",
+    "RayLedger": "._ray",  # without importing Ray up front
+}
 
 __all__ = [
     "NO_PERMIT",
@@ -75,9 +102,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # RayLedger without importing Ray (or its module) up front
-    if name == "RayLedger":
-        from ._ray import RayLedger
-
-        return RayLedger
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Any
 from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
 
-from ._ledger import Ticket
-
 if TYPE_CHECKING:
+    from ._ledger import Ticket
     from ._limiter import Limiter
 
 # Failures after which the server may still have done (and billed) the work: a timed-out or

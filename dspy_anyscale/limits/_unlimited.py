@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._config import Limits
-from ._estimate import Estimate
 from ._permit import NO_PERMIT, Permit
-from ._report import SpendReport
+
+if TYPE_CHECKING:
+    from ._estimate import Estimate
+    from ._report import SpendReport
 
 
 class UnlimitedLimiter:
@@ -34,6 +36,8 @@ class UnlimitedLimiter:
         pass
 
     def report(self) -> SpendReport:
+        from ._report import SpendReport
+
         return SpendReport(
             spent_usd=None,
             reserved_usd=0.0,
