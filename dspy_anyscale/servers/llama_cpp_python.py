@@ -49,11 +49,9 @@ Besides the standard library this module imports only :mod:`._processes` and
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -61,9 +59,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import _processes, llama_server
+from ._cli import ServerCli
 from ._processes import Say, cache_dir
 
 __all__ = [
@@ -456,116 +454,30 @@ def _is_our_server(pid: int) -> bool:
     return _MODULE.encode() in argv
 
 
-# --------------------------------------------------------------------------- state file
-
-
-def _save_state(server: LlamaCppPythonServer, api_key: str | None) -> None:
-    """Record the CLI-started server (never the key itself)."""
-    state = {
-        "pid": server.pid,
-        "port": server.port,
-        "url": server.base_url,
-        "alias": server.alias,
-        "api_key_set": bool(api_key),
-        "log_path": str(server.log_path),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _processes.write_atomic(_state_path(), (json.dumps(state, indent=2) + "\n").encode())
-
-
-def load_state() -> dict[str, Any] | None:
-    """Return the state of the server started by the CLI, or None if there is none."""
-    state = _processes.read_json(_state_path())
-    return state if isinstance(state, dict) else None
-
-
 # --------------------------------------------------------------------------- CLI
 
 
-def _cmd_install(args: argparse.Namespace) -> int:
-    python, model = ensure_installed(quiet=args.quiet)
-    print(f"python: {python}\nmodel:  {model}")
-    return 0
+def _cli_install(quiet: bool) -> dict[str, Path]:
+    python, model = ensure_installed(quiet=quiet)
+    return {"python": python, "model": model}
 
 
-def _cmd_start(args: argparse.Namespace) -> int:
-    state = load_state()
-    if state and _is_our_server(int(state["pid"])):
-        print(
-            f"error: a server is already running (pid {state['pid']}, {state['url']}); run 'stop' first",
-            file=sys.stderr,
-        )
-        return 1
-    server = start(
-        port=args.port,
-        api_key=args.api_key,
-        alias=args.alias,
-        ctx_size=args.ctx_size,
-        threads=args.threads,
-        ready_timeout=args.ready_timeout,
-    )
-    _save_state(server, args.api_key)
-    print(f"export ANYSCALE_API_BASE={server.base_url}")
-    print(f"export ANYSCALE_API_KEY={shlex.quote(args.api_key or 'local')}")
-    print(f"# model={server.alias} pid={server.pid} log={server.log_path}")
-    return 0
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    state = load_state()
-    if state is None:
-        print("no server recorded; nothing to stop", file=sys.stderr)
-        return 0
-    pid = int(state["pid"])
-    if _is_our_server(pid):
-        _processes.terminate(pid, args.timeout, error=LlamaCppPythonError)
-        print(f"stopped llama-cpp-python server pid {pid}", file=sys.stderr)
-    else:
-        print(f"llama-cpp-python server pid {pid} was not running", file=sys.stderr)
-    _state_path().unlink(missing_ok=True)
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    state = load_state()
-    installed = _installed()
-    if state is None:
-        print(json.dumps({"running": False, "installed": installed}))
-        return 1
-    running = _is_our_server(int(state["pid"]))
-    healthy = running and _status(int(state["port"])) == 200
-    print(json.dumps({**state, "running": running, "healthy": healthy, "installed": installed}))
-    return 0 if healthy else 1
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llama-cpp-python-server", description="Local llama-cpp-python test server for dspy-anyscale."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    install = sub.add_parser("install", help="download and build server and model (idempotent)")
-    install.add_argument("--quiet", action="store_true", help="no progress messages")
-    install.set_defaults(func=_cmd_install)
-    run = sub.add_parser("start", help="start in the background; print export lines")
-    run.add_argument("--port", type=int, default=None, help="default: a free port")
-    run.add_argument("--api-key", default=None, help="require this key (default: none)")
-    run.add_argument("--alias", default=DEFAULT_ALIAS, help="model name served")
-    run.add_argument("--ctx-size", type=int, default=2048)
-    run.add_argument("--threads", type=int, default=2)
-    run.add_argument("--ready-timeout", type=float, default=120.0)
-    run.set_defaults(func=_cmd_start)
-    halt = sub.add_parser("stop", help="stop the server started by 'start'")
-    halt.add_argument("--timeout", type=float, default=5.0)
-    halt.set_defaults(func=_cmd_stop)
-    status = sub.add_parser("status", help="print state as JSON; exit 0 if healthy")
-    status.set_defaults(func=_cmd_status)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    args = _parser().parse_args(argv)
-    return _processes.run_cli(lambda: args.func(args), LlamaCppPythonError)
+_CLI = ServerCli(
+    prog="llama-cpp-python-server",
+    description="Local llama-cpp-python test server for dspy-anyscale.",
+    label="llama-cpp-python server",
+    state_path=_state_path,
+    is_ours=_is_our_server,
+    installed=_installed,
+    healthy=lambda port: _status(port) == 200,
+    install=_cli_install,
+    start=lambda **options: start(**options),
+    error=LlamaCppPythonError,
+    default_alias=DEFAULT_ALIAS,
+    ready_timeout=120.0,
+)
+load_state = _CLI.load_state
+main = _CLI.main
 
 
 if __name__ == "__main__":
