@@ -147,11 +147,13 @@ def test_refused_calls_are_in_the_usage_log_and_summary(make_lm, tmp_path, capsy
 
 
 def test_one_429_holds_every_caller(make_lm, stub):
-    stub.latency = 0.1
+    # Answers take 0.1 s; the scripted 429 comes back at once (a responder is not asked for a fault),
+    # so the cool-down starts before any slot of the first wave is free.
     answered: list[float] = []
     plain = stub.responder
 
     def responder(endpoint, body):
+        time.sleep(0.1)
         answered.append(time.monotonic())
         return plain(endpoint, body)
 
