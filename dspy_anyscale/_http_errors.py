@@ -20,10 +20,6 @@ from ._secrets import redact
 from ._text import preview
 from .errors import UnexpectedResponseError
 
-__all__ = ["PROVIDER", "error_for_status", "parse_retry_after", "preview", "redact", "unexpected_body"]
-
-PROVIDER = C.PROVIDER
-
 # Phrases servers use for "prompt + max_tokens do not fit the context window":
 # vLLM / Ray Serve LLM ("maximum context length"), llama.cpp (exceed_context_size_error,
 # "exceeds the available context size"), OpenAI ("context_length_exceeded"), TGI ("must be <=").
@@ -148,7 +144,7 @@ def error_for_status(
     message, code = error_detail(body)
     request_id = headers.get("x-request-id") or headers.get("request-id")
     text = redact(f"{message} ({method} {url} → HTTP {status})", secret)
-    common = {"provider": PROVIDER, "status": status, "provider_code": code, "request_id": request_id}
+    common = {"provider": C.PROVIDER, "status": status, "provider_code": code, "request_id": request_id}
     if status in (401, 403):
         return lm15.AuthError(text, credential_hint=_AUTH_HINT, **common)
     if status == 402:
@@ -188,4 +184,4 @@ def unexpected_body(
     text = f"{why} from {method} {url} (HTTP {status}); the server sent: {preview(body)}"
     if body.lstrip()[:1] == b"<":
         text += ". An HTML page usually means the base URL points at a website or gateway, not at the API"
-    return UnexpectedResponseError(redact(text, secret), provider=PROVIDER, status=status)
+    return UnexpectedResponseError(redact(text, secret), provider=C.PROVIDER, status=status)

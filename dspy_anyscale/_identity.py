@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from . import _constants as C
 from ._secrets import is_secret_header, scrub
-from ._wire import WireOptions
+
+if TYPE_CHECKING:
+    from ._wire import WireOptions
 
 # Bump when what goes into the digest changes meaning: old entries then stop matching.
 IDENTITY_VERSION = 1

@@ -216,7 +216,7 @@ class AttemptScope:
         fields = self._fields
         if error is not None and not fields.get("ok"):
             fields["ok"] = False
-            fields["error"] = _error_name(error)
+            fields["error"] = error_name(error)
             fields.setdefault("status", getattr(error, "status", None))
         attempt = Attempt(
             start=self._start,
@@ -235,7 +235,8 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _error_name(error: BaseException) -> str:
+def error_name(error: BaseException) -> str:
+    """``cancelled`` for a stream closed early or a cancelled task (not a failure of the server), else the class."""
     if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
         return "cancelled"
     return type(error).__name__

@@ -24,7 +24,8 @@ from dspy.lm15 import (
 )
 from requests.structures import CaseInsensitiveDict
 
-from ._http_errors import PROVIDER, error_for_status
+from . import _constants as C
+from ._http_errors import error_for_status
 from ._secrets import redact
 from ._sse import ServerSentEvent
 from ._text import preview
@@ -81,11 +82,11 @@ class StreamTranslator:
             raise lm15.TransportError(
                 f"The stream from POST {self._url} ended {got} without [DONE] or a finish reason; "
                 "the answer is incomplete",
-                provider=PROVIDER,
+                provider=C.PROVIDER,
             )
         if not self._started:
             raise UnexpectedResponseError(
-                f"The stream from POST {self._url} ended with [DONE] but carried no data", provider=PROVIDER
+                f"The stream from POST {self._url} ended with [DONE] but carried no data", provider=C.PROVIDER
             )
         return [StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
 
@@ -100,7 +101,7 @@ class StreamTranslator:
             got = f"after {self.characters} characters" if self._started else "before any data"
             raise type(exc)(
                 f"The stream from POST {self._url} broke {got}: {exc.message}; the answer is incomplete",
-                provider=PROVIDER,
+                provider=C.PROVIDER,
             ) from exc
 
     def _parse(self, data: str) -> dict[str, Any]:
@@ -109,12 +110,12 @@ class StreamTranslator:
         except orjson.JSONDecodeError:
             raise UnexpectedResponseError(
                 redact(f"A stream event from POST {self._url} is not JSON: {preview(data)}", self._secret),
-                provider=PROVIDER,
+                provider=C.PROVIDER,
             ) from None
         if not isinstance(chunk, dict):
             raise UnexpectedResponseError(
                 redact(f"A stream event from POST {self._url} is not a JSON object: {preview(data)}", self._secret),
-                provider=PROVIDER,
+                provider=C.PROVIDER,
             )
         if "error" in chunk:
             raise self._error(chunk)

@@ -34,11 +34,10 @@ from dspy.lm15 import (
 )
 
 from . import _constants as C
+from ._identity import strip_identity_metadata
 from ._params import SAMPLING_FIELDS
 from ._text import preview
 from .errors import UnexpectedResponseError
-
-PROVIDER = C.PROVIDER
 
 EndpointKind = Literal["chat", "completions"]
 ResponseFormatStyle = Literal["openai", "anyscale"]
@@ -95,7 +94,7 @@ class WireCall:
 
 
 def unsupported(message: str, feature: str) -> lm15.UnsupportedFeatureError:
-    return lm15.UnsupportedFeatureError(message, feature=feature, provider=PROVIDER)
+    return lm15.UnsupportedFeatureError(message, feature=feature, provider=C.PROVIDER)
 
 
 # --- Request → wire ----------------------------------------------------------------------------
@@ -145,13 +144,13 @@ def _endpoint_directive(directive: Any, default: EndpointKind) -> EndpointKind:
 
 def _take_identity_off(extensions: dict[str, Any]) -> None:
     """A program call's cache identity rides in ``metadata``; the server gets the user's metadata only."""
-    metadata = extensions.get("metadata")
-    if isinstance(metadata, Mapping) and C.ENGINE_EXTENSION_KEY in metadata:
-        rest = {key: value for key, value in metadata.items() if key != C.ENGINE_EXTENSION_KEY}
-        if rest:
-            extensions["metadata"] = rest
-        else:
-            del extensions["metadata"]
+    if "metadata" not in extensions:
+        return
+    metadata = strip_identity_metadata(extensions["metadata"])
+    if metadata is None:
+        del extensions["metadata"]
+    else:
+        extensions["metadata"] = metadata
 
 
 def _common_fields(config: lm15.Config) -> dict[str, Any]:
@@ -416,7 +415,7 @@ def parse_response(data: dict[str, Any], call: WireCall, request: Request, *, ur
 def _unexpected(data: Any, url: str, status: int, why: str) -> UnexpectedResponseError:
     return UnexpectedResponseError(
         f"{why} from POST {url} (HTTP {status}); the server sent: {preview(orjson.dumps(data))}",
-        provider=PROVIDER,
+        provider=C.PROVIDER,
         status=status,
     )
 

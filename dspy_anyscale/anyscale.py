@@ -30,7 +30,7 @@ from .tracing import check_tracing, tracing_observer
 
 if TYPE_CHECKING:
     from .limits import Limiter, SpendReport
-from .usage import UsageRecord, UsageRecorder
+from .usage import CostTable, UsageRecord, UsageRecorder
 
 # The limiter's constructor options (Limits' fields, in its order).
 LIMIT_OPTIONS = tuple(f.name for f in fields(Limits))
@@ -142,7 +142,7 @@ def _limiter_for(limits: Limits) -> Limiter | UnlimitedLimiter:
 def _check_limits(settings: _Settings, model: str, max_tokens: int | None) -> None:
     """What a budget or a token rate needs to know a request's worst case: prices and max_tokens."""
     limits = settings.limits
-    if limits.budget_usd is not None and UsageRecorder(prices=settings.prices).costs.price(model) is None:
+    if limits.budget_usd is not None and CostTable(settings.prices).price(model) is None:
         raise ConfigurationError(
             f"budget_usd needs prices to know what a request can cost: pass prices={{'input': ..., 'output': ...}} "
             f"(USD per million tokens); {model!r} is not in the built-in catalogue"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 import dspy
 from dspy.lm15 import Request, Response
@@ -98,6 +98,20 @@ def _flag(name: str, value: Any) -> bool:
             f"{name} must be True or False, got {type(value).__name__} {value!r}", parameter=name, expected="a bool"
         )
     return value
+
+
+def _raise_public(exc: BaseException, model: str) -> NoReturn:
+    """Raise ``exc`` as users see it (see ``errors.RetryWaitTooLongError``)."""
+    public = public_error(exc, model)
+    if public is exc:
+        raise exc
+    raise public from exc.__cause__
+
+
+def _end_stream(call: Call | None, exc: BaseException, model: str) -> NoReturn:
+    """A stream ended by ``exc`` (``GeneratorExit`` when closed early): record it, then raise it."""
+    finish_call(call, public_error(exc, model))
+    _raise_public(exc, model)
 
 
 def _request_with_identity(request: Request, identity: str) -> Request:
@@ -222,11 +236,7 @@ class HFModel(dspy.LM):
         try:
             yield from stream_text(lambda: self._streamed_call(call, request))
         except BaseException as exc:
-            public = public_error(exc, self.model)
-            finish_call(call, public)
-            if public is exc:
-                raise
-            raise public from exc.__cause__
+            _end_stream(call, exc, self.model)
         finish_call(call)
 
     async def _astream(self, request: Request) -> AsyncIterator[str]:
@@ -235,11 +245,7 @@ class HFModel(dspy.LM):
             async for chunk in astream_text(lambda: self._streamed_call(call, request)):
                 yield chunk
         except BaseException as exc:
-            public = public_error(exc, self.model)
-            finish_call(call, public)
-            if public is exc:
-                raise
-            raise public from exc.__cause__
+            _end_stream(call, exc, self.model)
         finish_call(call)
 
     async def _streamed_call(self, call: Call | None, request: Request) -> Response:
@@ -255,10 +261,7 @@ class HFModel(dspy.LM):
             try:
                 yield
             except LMProviderError as exc:  # the one internal error that surfaces as another class
-                public = public_error(exc, self.model)
-                if public is exc:
-                    raise
-                raise public from exc.__cause__
+                _raise_public(exc, self.model)
 
     def _observers(self) -> tuple[Observer, ...]:
         """Who hears of each call and attempt (usage records, tracing). Subclasses say."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _constants as C
-from ._observe import Attempt, Call, Observer
+from ._observe import Attempt, Call, Observer, error_name
 from .catalog import Prices, model_info
 
 logger = logging.getLogger(C.LOGGER_NAME)
@@ -154,16 +154,11 @@ def _total(counts: Iterable[int | None]) -> int | None:
 
 def call_status(error: BaseException | None, attempted: bool) -> str:
     """``ok`` / ``cached`` / ``cancelled`` / ``budget`` / the error's class name."""
-    import asyncio
-
     if error is None:
         return _OK if attempted else _CACHED
-    # A stream the consumer stopped reading, or a cancelled task, is not a failure of the server.
-    if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
-        return "cancelled"
     if getattr(error, "code", None) == "budget_exceeded":
         return "budget"
-    return type(error).__name__
+    return error_name(error)
 
 
 def usage_totals(usage: Mapping[str, Mapping[str, Any]]) -> tuple[int | None, int | None]:

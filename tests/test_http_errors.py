@@ -12,7 +12,9 @@ from dspy import lm15
 from dspy.utils.exceptions import is_retryable_lm_error
 from requests.structures import CaseInsensitiveDict
 
-from dspy_anyscale._http_errors import error_detail, error_for_status, parse_retry_after, preview, redact
+from dspy_anyscale._http_errors import error_detail, error_for_status, parse_retry_after
+from dspy_anyscale._secrets import redact
+from dspy_anyscale._text import preview
 
 URL = "https://svc.anyscaleuserdata.com/v1/chat/completions"
 SECRET = "esecret_abcdef"

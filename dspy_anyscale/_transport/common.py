@@ -21,8 +21,8 @@ from dspy import lm15
 
 from .. import _constants as C
 from .._config import Timeout
-from .._http_errors import PROVIDER, error_for_status, redact, unexpected_body
-from .._secrets import Secret, is_secret_header  # a Secret's repr and str say ***
+from .._http_errors import error_for_status, unexpected_body
+from .._secrets import Secret, is_secret_header, redact  # a Secret's repr and str say ***
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -155,11 +155,11 @@ class Translator:
         if kind is Failure.CONNECT_TIMEOUT or kind is Failure.READ_TIMEOUT:
             limit = self._timeout.connect if kind is Failure.CONNECT_TIMEOUT else self._timeout.read
             return lm15.TimeoutError(
-                f"{where} timed out ({kind.value} timeout {limit:g}s): {detail}", provider=PROVIDER
+                f"{where} timed out ({kind.value} timeout {limit:g}s): {detail}", provider=C.PROVIDER
             )
         if kind is Failure.INVALID_URL:
-            return lm15.ConfigurationError(f"{where}: invalid URL: {detail}", provider=PROVIDER)
-        return lm15.TransportError(f"{where} failed: {detail}", provider=PROVIDER)
+            return lm15.ConfigurationError(f"{where}: invalid URL: {detail}", provider=C.PROVIDER)
+        return lm15.TransportError(f"{where} failed: {detail}", provider=C.PROVIDER)
 
     def json(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> dict[str, Any]:
         return parse_json_body(status, body, headers, url=url, secret=self._secret, method=method)

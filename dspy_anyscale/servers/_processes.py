@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 HOST = "127.0.0.1"
 
@@ -450,3 +451,30 @@ def run_cli(func: Callable[[], int], error: type[Exception]) -> int:
     except error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+@dataclass(frozen=True)
+class ModelServer:
+    """A model server running on 127.0.0.1 in its own session; subclasses name their error class."""
+
+    pid: int
+    port: int
+    alias: str
+    log_path: Path
+
+    error: ClassVar[type[Exception]] = RuntimeError
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style API base, e.g. ``http://127.0.0.1:8080/v1``."""
+        return f"http://{HOST}:{self.port}/v1"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        terminate(self.pid, timeout, error=self.error)
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

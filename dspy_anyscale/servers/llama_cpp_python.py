@@ -57,7 +57,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import _processes, llama_server
@@ -317,29 +316,10 @@ def _run(cmd: list[str], log: Path) -> None:
 # --------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class LlamaCppPythonServer:
+class LlamaCppPythonServer(_processes.ModelServer):
     """A running llama-cpp-python server on 127.0.0.1."""
 
-    pid: int
-    port: int
-    alias: str
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        """OpenAI-style API base, e.g. ``http://127.0.0.1:8000/v1``."""
-        return f"http://{HOST}:{self.port}/v1"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        _processes.terminate(self.pid, timeout, error=LlamaCppPythonError)
-
-    def __enter__(self) -> LlamaCppPythonServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    error = LlamaCppPythonError
 
 
 def start(

@@ -41,7 +41,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import _processes
@@ -308,29 +307,10 @@ def _run_logged(cmd: list[str], log: Path, say: Say | None = None) -> None:
 # --------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class LocalServer:
+class LocalServer(_processes.ModelServer):
     """A running ``llama-server`` on 127.0.0.1."""
 
-    pid: int
-    port: int
-    alias: str
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        """OpenAI-style API base, e.g. ``http://127.0.0.1:8080/v1``."""
-        return f"http://{HOST}:{self.port}/v1"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        _processes.terminate(self.pid, timeout, error=LocalServerError)
-
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    error = LocalServerError
 
 
 def start(
