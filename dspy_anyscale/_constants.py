@@ -122,3 +122,41 @@ ESTIMATE_TOKENS_PER_REQUEST = 8
 # The ledger actor only does bookkeeping: it must not hold a CPU that the job's actors need.
 RAY_LEDGER_NUM_CPUS = 0.0
 RAY_LEDGER_NAME_PREFIX = "dspy-anyscale-ledger"
+
+# --- CLI -------------------------------------------------------------------------------------------
+# `python -m dspy_anyscale demo`: room for a ChainOfThought's reasoning and answer from a small model.
+DEMO_MAX_TOKENS = 256
+
+# --- Cache identity: routing secrets (dspy_anyscale._identity) -------------------------------------
+# Secrets that also choose where a request goes, by the last words of their name: a Portkey virtual
+# key (the x-portkey-virtual-key header, a config target's virtual_key) names the upstream provider
+# and account. They join the cache identity as a keyed digest (HMAC); other secrets stay out of it.
+ROUTING_SECRET_WORDS = (("virtual", "key"),)
+# The HMAC key: a file of random bytes made once per user (mode 0600) in the project's cache dir
+# ($DSPY_ANYSCALE_CACHE or this default); the variable below points at another one, e.g. a file
+# shared by the machines that share a DSPy disk cache.
+DEFAULT_CACHE_DIR = "~/.cache/dspy-anyscale"
+ENV_IDENTITY_KEY_FILE = "DSPY_ANYSCALE_IDENTITY_KEY_FILE"
+IDENTITY_KEY_FILE_NAME = "identity.key"
+IDENTITY_KEY_MIN_BYTES = 32
+
+# --- Streams -----------------------------------------------------------------------------------------
+# How long closing a sync stream waits for its cancelled request to stop (it normally takes
+# milliseconds), so that the call's usage record, with its attempt, exists when close() returns.
+STREAM_STOP_WAIT_S = 5.0
+
+# --- Limits: a true upper bound of prompt tokens, for budgets (dspy_anyscale.limits._estimate) -------
+# A byte-level BPE (GPT, Llama 3, Qwen, Mistral's tekken) never spends more than one token per UTF-8
+# byte, and SentencePiece with byte fallback at most one more per text (its leading-space piece), so
+# a prompt's UTF-8 bytes bound its tokens whatever the tokenizer. Budgets reserve that bound plus the
+# chat template's markers: per message (role headers, end-of-turn: 4-12 tokens on Llama 2/3, ChatML,
+# Mistral) and per request (BOS, the assistant header, a default system line such as Llama 3.1's dates
+# or Qwen's "You are Qwen...": up to ~25 tokens).
+BOUND_TOKENS_PER_MESSAGE = 16
+BOUND_TOKENS_PER_REQUEST = 64
+
+# --- Limits: the gate (dspy_anyscale.limits._gate) -----------------------------------------------------
+# How often a caller queued for a slot looks again whether the tasks ahead of it (or holding slots)
+# belong to an event loop that has stopped: such tasks cannot take their turn or free their slot, and
+# nothing else would wake the queue. Cheap (one lock, a few attribute reads); only waiting callers poll.
+GATE_STALL_CHECK_S = 0.25

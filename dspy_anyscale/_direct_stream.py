@@ -12,16 +12,21 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import dspy
 from dspy.lm15 import Response
 
+from . import _constants as C
+
 _END = object()
+_LOOP_THREAD_NAME = "dspy-anyscale-loop"
+logger = logging.getLogger(C.LOGGER_NAME)
 
 
 class _QueueSink:
@@ -45,7 +50,7 @@ def _chunk_text(chunk: Any) -> str | None:
         return None
 
 
-async def astream_text(call: Callable[[], Awaitable[Response]]) -> AsyncIterator[str]:
+async def astream_text(call: Callable[[], Awaitable[Response]]) -> AsyncGenerator[str, None]:
     """Run ``call`` (an ``acall`` of one Request) with DSPy streaming into a queue; yield its text."""
     chunks: asyncio.Queue[Any] = asyncio.Queue()
     sink = _QueueSink(chunks)
@@ -65,8 +70,16 @@ async def astream_text(call: Callable[[], Awaitable[Response]]) -> AsyncIterator
         if not sink.sent and response.text:
             yield response.text  # served from DSPy's cache: no chunks, the whole answer at once
     finally:
-        if not task.done():
-            task.cancel()
+        await _stopped(task)
+
+
+async def _stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel the request if it still runs, and wait until it has stopped: its attempt is over (and
+    recorded) when the stream is, not some time later."""
+    if task.done() or task.get_loop().is_closed():
+        return
+    task.cancel()
+    await asyncio.wait({task})  # never raises the task's own end: the stream's is already under way
 
 
 class _BackgroundLoop:
@@ -87,7 +100,7 @@ class _BackgroundLoop:
         with cls._lock:
             if cls._loop is None or cls._loop.is_closed():
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="dspy-anyscale-loop", daemon=True)
+                thread = threading.Thread(target=loop.run_forever, name=_LOOP_THREAD_NAME, daemon=True)
                 thread.start()
                 atexit.register(cls._shutdown, loop, thread, os.getpid())
                 cls._loop = loop
@@ -120,16 +133,21 @@ def stream_text(call: Callable[[], Awaitable[Response]]) -> Iterator[str]:
     items: queue.Queue[Any] = queue.Queue()
     loop = _BackgroundLoop.get()
     context = contextvars.copy_context()  # dspy.context(...) overrides, usage tracking, the open call
+    # This thread blocks on the queue below: if it runs an event loop, the request must not wait for that loop.
+    context.run(_blocks_loop, asyncio._get_running_loop())
     task: list[asyncio.Task[None]] = []
+    stopped = threading.Event()
 
     async def pump() -> None:
         try:
-            async for text in astream_text(call):
-                items.put(text)
+            async with contextlib.aclosing(astream_text(call)) as texts:
+                async for text in texts:
+                    items.put(text)
         except BaseException as exc:  # handed to the consumer, raised there
             items.put(exc)
         finally:
             items.put(_END)
+            stopped.set()
 
     def start() -> None:
         task.append(loop.create_task(pump()))  # a task copies the current context: the caller's
@@ -143,5 +161,23 @@ def stream_text(call: Callable[[], Awaitable[Response]]) -> Iterator[str]:
             yield item
         finished = True
     finally:
-        if not finished:  # the consumer stopped early: stop the request
+        if not finished:  # the consumer stopped early: stop the request, and see it stopped
             loop.call_soon_threadsafe(lambda: task and task[0].cancel())
+            _wait_stopped(stopped)
+
+
+def _blocks_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    if loop is not None:
+        from .limits._gate import BLOCKED_LOOP  # loaded only by a sync stream read inside async code
+
+        BLOCKED_LOOP.set(loop)
+
+
+def _wait_stopped(stopped: threading.Event) -> None:
+    """Wait (bounded) for a cancelled request to stop, so that its attempt is over when ``close()`` returns.
+
+    Never on the loop's own thread, which would wait for itself. A request that takes longer to stop
+    is left to end on its own: the call's record then follows when its attempt ends.
+    """
+    if threading.current_thread().name != _LOOP_THREAD_NAME and not stopped.wait(C.STREAM_STOP_WAIT_S):
+        logger.debug("a closed stream's request did not stop within %s s; it ends on its own", C.STREAM_STOP_WAIT_S)

@@ -5,8 +5,8 @@ usage, callbacks); an engine turns one ``dspy.lm15.Request`` into one ``Response
 ``dspy.lm15`` error. Inside its one attempt the engine does three things DSPy cannot:
 
 * tells the observers (usage records, tracing) what each HTTP exchange did;
-* speaks the server's JSON-mode dialect (a refusal of the OpenAI form is resent at once in the
-  Anyscale form and remembered; see :mod:`._dialects`), which is not a DSPy retry;
+* speaks the server's JSON-mode dialect (a refusal of the form sent is resent at once in the
+  other form and remembered; see :mod:`._dialects`), which is not a DSPy retry;
 * refuses to let DSPy wait longer than ``max_retry_wait`` because a server said so;
 * takes a permit from the LM's limiter before sending (concurrency, rates, budget; a no-op when
   no limit is set) and books the answer's real usage against it.
@@ -16,8 +16,8 @@ The sync and async engines share all of it; only the I/O differs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractContextManager, AsyncExitStack, ExitStack
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import AbstractContextManager, AsyncExitStack, ExitStack, aclosing
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -27,10 +27,11 @@ from dspy.lm15 import Request, Response
 
 from . import _constants as C
 from ._config import Endpoint, Timeout, resolve_endpoint, resolve_timeout
-from ._dialects import MEMO, may_be_dialect_refusal
+from ._dialects import MEMO, both_refused, may_be_dialect_refusal, other_style, sent_style
 from ._identity import cache_identity
 from ._observe import AttemptScope, Observer, attempt
 from ._params import supported_params
+from ._secrets import redacting
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
 from ._transport import AsyncTransport, JsonReply, StreamReply, SyncTransport
@@ -100,11 +101,14 @@ class _EngineBase:
         return build_call(request, self.options, stream=stream, style=style)
 
     def _estimate(self, call: WireCall) -> Estimate | None:
-        """The request's worst case, when a limit needs one (a budget, a token rate)."""
-        if not self.limiter.needs_estimate:
+        """The request's worst case, when a limit needs one (a budget, a token rate); else, with
+        limits and prices, only the prices, so the ledger prices each answer (``lm.spending()``)."""
+        if not self.limiter.enabled:
             return None
-        from .limits import Estimate  # only LMs with a budget or a token rate get here
+        from .limits import Estimate  # only LMs with limits get here
 
+        if not self.limiter.needs_estimate:
+            return None if self.prices is None else Estimate(0, None, self.prices)
         return Estimate.for_payload(call.payload, self.prices)
 
     def _url(self, call: WireCall) -> str:
@@ -121,14 +125,23 @@ class _EngineBase:
         )
 
     def _resend_for(self, call: WireCall, request: Request, error: lm15.LM15Error) -> WireCall:
-        """The same call in the Anyscale JSON-mode form, when ``error`` is the server refusing the OpenAI
-        form and the style is ``auto``; else the error, as DSPy should see it."""
-        if self.options.response_format_style == "auto" and may_be_dialect_refusal(call, error):
-            return build_call(request, self.options, stream=bool(call.payload.get("stream")), style="anyscale")
+        """The same call in the other JSON-mode form, when ``error`` is the server refusing the form sent
+        and the style is ``auto``; else the error, as DSPy should see it."""
+        other = other_style(call)
+        if self.options.response_format_style == "auto" and other is not None and may_be_dialect_refusal(call, error):
+            return build_call(request, self.options, stream=bool(call.payload.get("stream")), style=other)
         self._raise(error)
 
     def _learned(self, call: WireCall, refusal: lm15.LM15Error) -> None:
-        MEMO.learn(self.cache_identity, "anyscale", self._url(call), refusal)
+        style = sent_style(call)
+        if style is not None:
+            MEMO.learn(self.cache_identity, style, self._url(call), refusal)
+
+    def _resend_failed(self, resend: WireCall, refusal: lm15.LM15Error, error: lm15.LM15Error) -> NoReturn:
+        """The resend failed too: a second refusal is said once with both texts; anything else as it is."""
+        if may_be_dialect_refusal(resend, error):
+            raise both_refused(resend, refusal, error) from error
+        self._raise(error)
 
     def _raise(self, error: lm15.LM15Error) -> NoReturn:
         """Raise ``error``, unless it asks DSPy to wait longer than ``max_retry_wait``: then fail at once."""
@@ -142,7 +155,8 @@ class _EngineBase:
     ) -> Response:
         if scope is not None:
             scope.replied(reply.status, reply.request_id)
-        response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
+        with redacting(self.transport._secrets):  # a 2xx body may echo the request's headers
+            response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
         usage = response.usage
         permit.settle(usage.input_tokens, usage.output_tokens)
         if scope is not None:
@@ -152,7 +166,7 @@ class _EngineBase:
         return response
 
     def _translator(self, call: WireCall, request: Request) -> StreamTranslator:
-        return StreamTranslator(call, request, url=self._url(call), secret=self.transport._secret)
+        return StreamTranslator(call, request, url=self._url(call), secret=self.transport._secrets)
 
     @staticmethod
     def _stream_opened(scope: AttemptScope | None, reply: StreamReply) -> None:
@@ -210,33 +224,43 @@ class AnyscaleEngine(_EngineBase):
     def complete(self, request: Request) -> Response:
         call = self._call(request)
         # The permit first: time queued behind the limiter is not the server's latency.
-        with self.limiter.acquire(self._estimate(call)) as permit, self._observed(call, request) as scope:
-            try:
-                reply = self.transport.request_json("POST", call.path, call.payload)
-            except lm15.LM15Error as refusal:
-                resend = self._resend_for(call, request, refusal)
-                reply, call = self._send_or_raise(resend), resend
-                self._learned(call, refusal)
-            return self._answered(scope, permit, reply, call, request)
+        with ExitStack() as permits:
+            permit = permits.enter_context(self.limiter.acquire(self._estimate(call)))
+            with self._observed(call, request) as scope:
+                try:
+                    reply = self.transport.request_json("POST", call.path, call.payload)
+                except lm15.LM15Error as refusal:
+                    resend = self._resend_for(call, request, refusal)
+                    permit = self._resend_permit(permits, permit, refusal, resend)
+                    reply, call = self._send_or_raise(resend, refusal), resend
+                    self._learned(call, refusal)
+                return self._answered(scope, permit, reply, call, request)
 
-    def _send_or_raise(self, call: WireCall) -> JsonReply:
+    def _resend_permit(self, permits: ExitStack, refused: Permit, refusal: lm15.LM15Error, resend: WireCall) -> Permit:
+        """The refused request counts (it was sent); the resend is a request of its own, admitted by the limits."""
+        refused.release_failed(refusal)
+        return permits.enter_context(self.limiter.acquire(self._estimate(resend)))
+
+    def _send_or_raise(self, call: WireCall, refusal: lm15.LM15Error) -> JsonReply:
         try:
             return self.transport.request_json("POST", call.path, call.payload)
         except lm15.LM15Error as error:
-            self._raise(error)
+            self._resend_failed(call, refusal, error)
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self._call(request, stream=True)
-        with (
-            self.limiter.acquire(self._estimate(call)) as permit,
-            self._observed(call, request, stream=True) as scope,
-            ExitStack() as stack,
-        ):
+        with ExitStack() as permits:
+            permit = permits.enter_context(self.limiter.acquire(self._estimate(call)))
+            yield from self._stream_under(permits, permit, call, request)
+
+    def _stream_under(self, permits: ExitStack, permit: Permit, call: WireCall, request: Request) -> Iterator[Any]:
+        with self._observed(call, request, stream=True) as scope, ExitStack() as stack:
             try:
                 reply = stack.enter_context(self.transport.stream(call.path, call.payload))
             except lm15.LM15Error as refusal:
-                call = self._resend_for(call, request, refusal)
-                reply = self._open_or_raise(stack, call)
+                resend = self._resend_for(call, request, refusal)
+                permit = self._resend_permit(permits, permit, refusal, resend)
+                reply, call = self._open_or_raise(stack, resend, refusal), resend
                 self._learned(call, refusal)
             self._stream_opened(scope, reply)
             translator = self._translator(call, request)
@@ -246,11 +270,11 @@ class AnyscaleEngine(_EngineBase):
             end = self._ended(scope, permit, translator)
         yield from end
 
-    def _open_or_raise(self, stack: ExitStack, call: WireCall) -> StreamReply:
+    def _open_or_raise(self, stack: ExitStack, call: WireCall, refusal: lm15.LM15Error) -> StreamReply:
         try:
             return stack.enter_context(self.transport.stream(call.path, call.payload))
         except lm15.LM15Error as error:
-            self._raise(error)
+            self._resend_failed(call, refusal, error)
 
     def close(self) -> None:
         self.transport.close()
@@ -263,32 +287,52 @@ class AsyncAnyscaleEngine(_EngineBase):
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
-        permit = await self.limiter.aacquire(self._estimate(call))
-        with permit, self._observed(call, request) as scope:  # nothing awaited between: the permit is always freed
-            try:
-                reply = await self.transport.request_json("POST", call.path, call.payload)
-            except lm15.LM15Error as refusal:
-                resend = self._resend_for(call, request, refusal)
-                reply, call = await self._send_or_raise(resend), resend
-                self._learned(call, refusal)
-            return self._answered(scope, permit, reply, call, request)
+        with ExitStack() as permits:
+            # Nothing awaited between the grant and the stack taking it: the permit is always freed.
+            permit = permits.enter_context(await self.limiter.aacquire(self._estimate(call)))
+            with self._observed(call, request) as scope:
+                try:
+                    reply = await self.transport.request_json("POST", call.path, call.payload)
+                except lm15.LM15Error as refusal:
+                    resend = self._resend_for(call, request, refusal)
+                    permit = await self._resend_permit(permits, permit, refusal, resend)
+                    reply, call = await self._send_or_raise(resend, refusal), resend
+                    self._learned(call, refusal)
+                return self._answered(scope, permit, reply, call, request)
 
-    async def _send_or_raise(self, call: WireCall) -> JsonReply:
+    async def _resend_permit(
+        self, permits: ExitStack, refused: Permit, refusal: lm15.LM15Error, resend: WireCall
+    ) -> Permit:
+        """The refused request counts (it was sent); the resend is a request of its own, admitted by the limits."""
+        refused.release_failed(refusal)
+        return permits.enter_context(await self.limiter.aacquire(self._estimate(resend)))
+
+    async def _send_or_raise(self, call: WireCall, refusal: lm15.LM15Error) -> JsonReply:
         try:
             return await self.transport.request_json("POST", call.path, call.payload)
         except lm15.LM15Error as error:
-            self._raise(error)
+            self._resend_failed(call, refusal, error)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self._call(request, stream=True)
-        permit = await self.limiter.aacquire(self._estimate(call))
-        with permit, self._observed(call, request, stream=True) as scope:
+        with ExitStack() as permits:
+            permit = permits.enter_context(await self.limiter.aacquire(self._estimate(call)))
+            # Closed with this generator (not when collected): a stream stopped early stops its request now.
+            async with aclosing(self._stream_under(permits, permit, call, request)) as items:
+                async for item in items:
+                    yield item
+
+    async def _stream_under(
+        self, permits: ExitStack, permit: Permit, call: WireCall, request: Request
+    ) -> AsyncGenerator[Any, None]:
+        with self._observed(call, request, stream=True) as scope:
             async with AsyncExitStack() as stack:
                 try:
                     reply = await stack.enter_async_context(self.transport.stream(call.path, call.payload))
                 except lm15.LM15Error as refusal:
-                    call = self._resend_for(call, request, refusal)
-                    reply = await self._open_or_raise(stack, call)
+                    resend = self._resend_for(call, request, refusal)
+                    permit = await self._resend_permit(permits, permit, refusal, resend)
+                    reply, call = await self._open_or_raise(stack, resend, refusal), resend
                     self._learned(call, refusal)
                 self._stream_opened(scope, reply)
                 translator = self._translator(call, request)
@@ -300,11 +344,11 @@ class AsyncAnyscaleEngine(_EngineBase):
         for item in end:
             yield item
 
-    async def _open_or_raise(self, stack: AsyncExitStack, call: WireCall) -> StreamReply:
+    async def _open_or_raise(self, stack: AsyncExitStack, call: WireCall, refusal: lm15.LM15Error) -> StreamReply:
         try:
             return await stack.enter_async_context(self.transport.stream(call.path, call.payload))
         except lm15.LM15Error as error:
-            self._raise(error)
+            self._resend_failed(call, refusal, error)
 
     async def aclose(self) -> None:
         await self.transport.aclose()

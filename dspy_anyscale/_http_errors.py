@@ -1,7 +1,8 @@
 """From an HTTP failure to the ``dspy.lm15`` error DSPy's retry loop understands. Pure: no I/O.
 
 The transports call these for both HTTP libraries, so a status means the same thing on the sync
-and the async path. Every message passes through :func:`redact` before it leaves.
+and the async path. Every message passes through :func:`redact` before it leaves: given the
+transport's :class:`Secrets`, the key and every secret header value the request carried go.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import orjson
 from dspy import lm15
 
 from . import _constants as C
-from ._secrets import redact
+from ._secrets import Secret, Secrets, redact
 from ._text import preview
 from .errors import UnexpectedResponseError
 
@@ -137,7 +138,7 @@ def error_for_status(
     headers: Mapping[str, str],
     *,
     url: str,
-    secret: str | None,
+    secret: str | Secret | Secrets | None,
     method: str = "POST",
 ) -> lm15.LM15Error:
     """The lm15 error for a non-2xx answer. ``headers`` must be case-insensitive."""
@@ -178,7 +179,7 @@ def error_for_status(
 
 
 def unexpected_body(
-    url: str, status: int, body: bytes, why: str, secret: str | None, method: str = "POST"
+    url: str, status: int, body: bytes, why: str, secret: str | Secret | Secrets | None, method: str = "POST"
 ) -> UnexpectedResponseError:
     """A 2xx answer that is not what an OpenAI-compatible endpoint sends, quoted."""
     text = f"{why} from {method} {url} (HTTP {status}); the server sent: {preview(body)}"

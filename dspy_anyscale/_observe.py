@@ -12,6 +12,11 @@ A stream is a generator, which can be abandoned between two chunks and closed la
 context. So a stream never sets the context variable in its consumer's context: it opens its call
 with :func:`open_call`, sets it only inside the task that runs the request (:func:`within`), and
 closes it with :func:`finish_call`.
+
+A call is over when its caller is done with it *and* every attempt it started has ended: a
+stream closed by its consumer (or torn down with its event loop) may still have its request in
+flight, being cancelled in another thread or task. The observers hear ``call_finished`` once,
+after the last of the two, so a record always counts the attempts the call made.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from typing import Any
 from . import _constants as C
 
 logger = logging.getLogger(C.LOGGER_NAME)
+
+# The status of a call or an attempt its consumer stopped (a stream closed early, a cancelled task): no failure.
+CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ class Observer:
     def attempt_finished(self, call: Call, attempt: Attempt) -> None:
         """An HTTP attempt of ``call`` is over (answered, failed, or its stream was closed)."""
 
+    def call_answered(self, call: Call) -> None:
+        """DSPy has an answer for ``call`` (from the server or from its cache), and is still inside its own
+        LM call: the one moment a cache hit, which makes no attempt, runs code of ours in there."""
+
     def call_finished(self, call: Call, error: BaseException | None) -> None:
         """The call is over; ``error`` is what it raised (``GeneratorExit`` for a stream closed early)."""
 
@@ -97,23 +109,45 @@ class Call:
 
     model: str
     observers: tuple[Observer, ...]
+    stream: bool = False  # lm.stream / lm.astream: its request runs in another task than the caller's
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     state: dict[int, Any] = field(default_factory=dict)  # id(observer) -> what that observer keeps
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _last_end: float | None = None
     _started_attempts: int = 0
+    _in_flight: int = 0  # attempts started and not yet ended
+    _ending: tuple[BaseException | None] | None = None  # the caller's end, held until the attempts end
+    _finished: bool = False
 
     def _begin(self, start: float) -> tuple[int, float | None]:
         with self._lock:  # candidates of one call may run concurrently
             number = self._started_attempts
             self._started_attempts += 1
+            self._in_flight += 1
             return number, (start - self._last_end) if self._last_end is not None else None
 
-    def _add(self, attempt: Attempt) -> None:
+    def _add(self, attempt: Attempt) -> tuple[BaseException | None] | None:
+        """Record an ended attempt; the caller's held end when this was the last attempt it waited for."""
         with self._lock:
             self.attempts.append(attempt)
             self._last_end = attempt.start.started + attempt.latency_s
+            self._in_flight -= 1
+            return self._take_end() if self._in_flight == 0 else None
+
+    def _end(self, error: BaseException | None) -> bool:
+        """The caller is done: True when the call is over now, False when attempts in flight hold it open."""
+        with self._lock:
+            if self._finished or self._ending is not None:
+                return False  # told once
+            self._ending = (error,)
+            return self._in_flight == 0 and self._take_end() is not None
+
+    def _take_end(self) -> tuple[BaseException | None] | None:
+        if self._ending is None or self._finished:
+            return None
+        self._finished = True
+        return self._ending
 
 
 _current: ContextVar[Call | None] = ContextVar("dspy_anyscale_call", default=None)
@@ -130,18 +164,26 @@ def _notify(observers: tuple[Observer, ...], hook: str, *args: Any) -> None:
 # --- calls -------------------------------------------------------------------------------------
 
 
-def open_call(observers: tuple[Observer, ...], model: str) -> Call | None:
+def open_call(observers: tuple[Observer, ...], model: str, *, stream: bool = False) -> Call | None:
     """A new call, or None when there is nothing to observe or a call is open already (nested entry points)."""
     if not observers or _current.get() is not None:
         return None
-    call = Call(model, observers)
+    call = Call(model, observers, stream)
     _notify(observers, "call_started", call)
     return call
 
 
 def finish_call(call: Call | None, error: BaseException | None = None) -> None:
-    if call is not None:
+    """The caller is done with ``call``; the observers hear of it once its attempts in flight have ended too."""
+    if call is not None and call._end(error):
         _notify(call.observers, "call_finished", call, error)
+
+
+def call_answered() -> None:
+    """Inside DSPy's call (while it writes the history entry): tell the current call's observers."""
+    call = _current.get()
+    if call is not None:
+        _notify(call.observers, "call_answered", call)
 
 
 @contextmanager
@@ -224,10 +266,12 @@ class AttemptScope:
             ttft_s=self.ttft_s,
             **{"ok": False, **fields},
         )
-        self._call._add(attempt)
+        held = self._call._add(attempt)
         _notify(self._call.observers, "attempt_finished", self._call, attempt)
         if self._own_call:
             finish_call(self._call, None if attempt.ok else error)
+        elif held is not None:  # the caller was done already, waiting for this attempt to end
+            _notify(self._call.observers, "call_finished", self._call, held[0])
 
 
 def _count(value: Any) -> int | None:
@@ -238,7 +282,7 @@ def _count(value: Any) -> int | None:
 def error_name(error: BaseException) -> str:
     """``cancelled`` for a stream closed early or a cancelled task (not a failure of the server), else the class."""
     if isinstance(error, GeneratorExit | asyncio.CancelledError | KeyboardInterrupt):
-        return "cancelled"
+        return CANCELLED
     return type(error).__name__
 
 

@@ -1,10 +1,13 @@
 """Which values are secrets, and how they are kept out of text, saved state and cache keys.
 
 Two kinds of secret reach this package: the API key (owned by the transport) and header values
-that carry credentials (``x-portkey-api-key``, a Portkey config with target keys, ...). A header
-is secret when a word of its name says so, or when its value is a JSON object holding a field
-whose name says so. Secret values are never logged, saved with a program, pickled or put in a
-cache identity. Pure: no I/O (restoring reads the environment, nothing else).
+that carry credentials (``x-portkey-api-key``, ``X-Auth-Token``, a Portkey config with target
+keys, ...). A header is secret when a word of its name says so, or when its value is a JSON object
+holding a field whose name says so. Secret values are never logged, saved with a program or
+pickled, and every one the LM sends is redacted from the text of its errors (:class:`Secrets`).
+Most never enter a cache identity; the few that also choose where a request goes (a Portkey
+virtual key: :func:`is_routing_secret_name`) enter it as a keyed digest (see :mod:`._identity`).
+Pure: no I/O (restoring reads the environment, nothing else).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -40,10 +45,20 @@ _SECRET_WORDS = frozenset(
 _WORD_BREAK = re.compile(r"[-_\s.]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
+def _words(name: str) -> list[str]:
+    return [word.lower() for word in _WORD_BREAK.split(name) if word]
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a header or field name says its value is a credential (``api_key``, ``X-Auth-Token``...)."""
-    words = [word.lower() for word in _WORD_BREAK.split(name) if word]
-    return any(word in _SECRET_WORDS or word.endswith(("token", "secret", "password")) for word in words)
+    return any(word in _SECRET_WORDS or word.endswith(("token", "secret", "password")) for word in _words(name))
+
+
+def is_routing_secret_name(name: str) -> bool:
+    """Whether a secret's name says it also chooses where a request goes (``x-portkey-virtual-key``,
+    a Portkey config target's ``virtual_key``): two values may reach two upstreams and answer differently."""
+    words = tuple(_words(name))
+    return any(words[-len(tail) :] == tail for tail in C.ROUTING_SECRET_WORDS)
 
 
 def is_secret_header(name: str, value: str | None = None) -> bool:
@@ -93,19 +108,114 @@ class Secret:
         raise TypeError("a Secret is never pickled; the key is read again from the environment")
 
 
-def redact(text: str, secret: str | Secret | None) -> str:
-    """``text`` with the key replaced by ``***``.
+def redact(text: str, secret: str | Secret | Secrets | None) -> str:
+    """``text`` with the key (or, given :class:`Secrets`, every secret value the LM sends) replaced by ``***``.
 
-    A key of at least ``MIN_REDACTED_INSIDE_WORDS`` characters is removed wherever it appears; a
+    A value of at least ``MIN_REDACTED_INSIDE_WORDS`` characters is removed wherever it appears; a
     shorter one (a local server's "x") only where it stands as a whole token, so that redacting
     it never mangles the words and URLs around it ("exist", "127.0.0.1").
     """
-    value = secret.reveal() if isinstance(secret, Secret) else secret
+    if isinstance(secret, Secrets):
+        return secret.redact(text)
+    return _redact_value(text, secret.reveal() if isinstance(secret, Secret) else secret)
+
+
+def _redact_value(text: str, value: str | None) -> str:
     if not value or value not in text:
         return text
     if len(value) >= C.MIN_REDACTED_INSIDE_WORDS:
         return text.replace(value, "***")
     return re.sub(rf"(?<![\w.\-]){re.escape(value)}(?![\w.\-])", "***", text)
+
+
+class Secrets:
+    """Every secret value one LM sends: the key, and each secret header's value (whole, after its
+    auth scheme, and each secret field of a JSON value). A server may quote any of them back in an
+    error; :func:`redact` removes them all. Like :class:`Secret`, it never shows or pickles them.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, *values: str | None) -> None:
+        # Each value also as a JSON string spells it (a body may quote a header inside JSON text), and
+        # the longest first: a value that contains another (a header and its token) goes whole.
+        spellings = {spelling for value in values if value for spelling in (value, _json_escaped(value))}
+        self._values = tuple(sorted(spellings, key=len, reverse=True))
+
+    @classmethod
+    def sent_with(cls, api_key: str | Secret | None, headers: Mapping[str, str] | None = None) -> Secrets:
+        """The secrets of a transport that sends ``api_key`` as a bearer token and ``headers`` on every request."""
+        key = api_key.reveal() if isinstance(api_key, Secret) else api_key
+        values = [value for name, text in (headers or {}).items() for value in secret_header_values(name, text)]
+        return cls(key, *values)
+
+    def redact(self, text: str) -> str:
+        for value in self._values:
+            text = _redact_value(text, value)
+        return text
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def __repr__(self) -> str:
+        return "Secrets('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Secrets are never pickled; they are read again from the environment")
+
+
+def _json_escaped(value: str) -> str:
+    return orjson.dumps(value).decode()[1:-1]
+
+
+@contextmanager
+def redacting(secrets: Secrets) -> Iterator[None]:
+    """An error raised inside leaves with its text redacted: for code that quotes what the server
+    sent without knowing the secrets (the parser of a 2xx body that echoes the request's headers)."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(getattr(error, "message", None), str):
+            error.message = secrets.redact(error.message)  # type: ignore[attr-defined]  # lm15 errors keep it
+        error.args = tuple(secrets.redact(arg) if isinstance(arg, str) else arg for arg in error.args)
+        # The finished frames below held the unredacted text (reporters record locals); running ones stay.
+        traceback.clear_frames(error.__traceback__)
+        raise
+
+
+def secret_header_values(name: str, value: str) -> list[str]:
+    """The secret pieces of one header: all of a secret-named header's value, the credential after
+    its scheme (``Bearer <token>``), and the value of every secret field of a JSON value."""
+    pieces = _json_secret_values(value)
+    if is_secret_name(name):
+        pieces.append(value)
+        _scheme, _, credential = value.strip().partition(" ")
+        pieces.append(credential.strip())
+    return [piece for piece in pieces if piece]
+
+
+def _json_secret_values(value: str) -> list[str]:
+    if not value.lstrip().startswith("{"):
+        return []
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return []
+    return list(_secret_leaves(data, inside=False))
+
+
+def _secret_leaves(data: Any, *, inside: bool) -> Iterator[str]:
+    """Every string under a secret-named field, at any depth (a credential may be a nested object)."""
+    if isinstance(data, Mapping):
+        for key, item in data.items():
+            yield from _secret_leaves(item, inside=inside or is_secret_name(str(key)))
+    elif isinstance(data, list):
+        for item in data:
+            yield from _secret_leaves(item, inside=inside)
+    elif inside and isinstance(data, str):  # not numbers: redacting "3" would mangle counts and statuses
+        yield data
 
 
 def redacted_headers(headers: Mapping[str, str]) -> dict[str, str]:

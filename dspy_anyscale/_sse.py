@@ -25,11 +25,17 @@ class ServerSentEvent:
 
 
 class SSEDecoder:
-    """Incremental decoder: ``feed(bytes)`` returns the events completed by that chunk."""
+    """Incremental decoder: ``feed(bytes)`` returns the events completed by that chunk.
+
+    Linear in the bytes fed, however the stream is cut: each chunk is scanned once, and a line
+    that spans many chunks is kept as its pieces and joined once, when it ends (re-joining and
+    re-scanning a growing buffer on every chunk made one 20 MB event take seconds).
+    """
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
+        self._pieces: list[str] = []  # the unfinished line, as received
+        self._held_cr = False  # the text so far ends in a CR: the line has ended, unless an LF follows
         self._data: list[str] = []
         self._event = ""
         self._last_id = ""
@@ -39,35 +45,52 @@ class SSEDecoder:
     @property
     def pending(self) -> str:
         """Text received after the last dispatched event (diagnostics for truncated streams)."""
-        return "\n".join(self._data) + self._buffer
+        return "\n".join(self._data) + "".join(self._pieces)
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         self.bytes_seen += len(chunk)
-        text = self._buffer + self._utf8.decode(chunk)
+        text = self._utf8.decode(chunk)
         events: list[ServerSentEvent] = []
+        if not text:
+            return events
         start = 0
-        for match in _LINE_END.finditer(text):
-            if match.group() == "\r" and match.end() == len(text):
-                break  # maybe the first half of a CRLF split across chunks
-            event = self._line(text[start : match.start()])
-            if event is not None:
-                events.append(event)
+        if self._held_cr:  # the CR that ended the last chunk ended a line; a LF here is its other half
+            self._held_cr = False
+            self._end_line(events, "")
+            start = 1 if text[0] == "\n" else 0
+        for match in _LINE_END.finditer(text, start):
+            if match.end() == len(text) and match.group() == "\r":
+                self._pieces.append(text[start : match.start()])
+                self._held_cr = True  # maybe the first half of a CRLF split across chunks
+                return events
+            self._end_line(events, text[start : match.start()])
             start = match.end()
-        self._buffer = text[start:]
+        if start < len(text):
+            self._pieces.append(text[start:])
         return events
 
     def close(self) -> list[ServerSentEvent]:
         """End of stream: a pending CR still ends a line; an undispatched event is discarded."""
-        tail = self._buffer + self._utf8.decode(b"", final=True)
-        self._buffer = ""
-        events = []
-        if tail.endswith("\r"):
-            event = self._line(tail[:-1])
-            if event is not None:
-                events.append(event)
-        else:
-            self._buffer = tail
+        events: list[ServerSentEvent] = []
+        if self._held_cr:
+            self._held_cr = False
+            self._end_line(events, "")
+        tail = self._utf8.decode(b"", final=True)
+        if tail:
+            self._pieces.append(tail)
         return events
+
+    def _end_line(self, events: list[ServerSentEvent], last_piece: str) -> None:
+        """The current line ended with ``last_piece``: read it, and collect the event it dispatches."""
+        if self._pieces:
+            self._pieces.append(last_piece)
+            line = "".join(self._pieces)
+            self._pieces = []
+        else:
+            line = last_piece
+        event = self._line(line)
+        if event is not None:
+            events.append(event)
 
     def _line(self, line: str) -> ServerSentEvent | None:
         if not line:

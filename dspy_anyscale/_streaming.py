@@ -26,7 +26,7 @@ from requests.structures import CaseInsensitiveDict
 
 from . import _constants as C
 from ._http_errors import error_for_status
-from ._secrets import redact
+from ._secrets import Secrets, redact
 from ._sse import ServerSentEvent
 from ._text import preview
 from ._wire import WireCall, chat_logprobs, completions_logprobs, finish_reason, usage_from
@@ -38,8 +38,8 @@ _DONE = "[DONE]"
 class StreamTranslator:
     """Stateful translation of one streamed response. ``feed`` each SSE event, then ``finish``."""
 
-    def __init__(self, call: WireCall, request: Request, *, url: str, secret: Any = None) -> None:
-        self._secret = secret  # a server may quote the request's Authorization in an error event
+    def __init__(self, call: WireCall, request: Request, *, url: str, secret: Secrets | None = None) -> None:
+        self._secret = secret  # a server may quote the request's Authorization or secret headers in an error event
         self._chat = call.endpoint == "chat"
         self._model = request.model
         self._url = url

@@ -190,8 +190,8 @@ class Anyscale(HFModel):
         response_format_style: ``"auto"`` (default) sends OpenAI's ``{"type": "json_schema",
             "json_schema": ...}`` (vLLM, Ray Serve LLM, llama.cpp) and, when a server refuses it,
             resends at once in Anyscale's ``{"type": "json_object", "schema": ...}`` (llama-cpp-python,
-            Anyscale Endpoints) and remembers that for the server; ``"openai"`` / ``"anyscale"``
-            force one form.
+            Anyscale Endpoints) and remembers that for the server (relearned the same way if the
+            server behind the URL changes); ``"openai"`` / ``"anyscale"`` force one form.
         supports_tools / supports_response_schema: declare ``False`` for servers or models without
             tool calling / schema-constrained JSON; DSPy's adapters then do not ask for them.
         headers: extra HTTP headers on every request (e.g. ``portkey_headers(...)`` for a gateway).
@@ -367,8 +367,8 @@ class Anyscale(HFModel):
     def _observers(self) -> tuple[Observer, ...]:
         return self.engine.observers
 
-    def _cost(self, usage: Mapping[str, Any]) -> float | None:
-        return self.cost_of(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    def _priced(self, usage: Mapping[str, Any]) -> tuple[float | None, dict[str, Any]]:
+        return self._recorder.costs.estimate(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     @property
     def limiter(self) -> Limiter | UnlimitedLimiter:

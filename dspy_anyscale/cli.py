@@ -61,14 +61,15 @@ def endpoint_for_demo() -> Iterator[str | None]:
             os.environ.pop(name, None)
 
 
-def _pick_model(explicit: str | None) -> str:
+def _pick_model(explicit: str | None, api_base: str | None = None) -> str:
+    """The model to ask: ``--model``, else ``ANYSCALE_MODEL``, else the first one ``api_base`` serves."""
     if explicit:
         return explicit
     if os.environ.get(C.ENV_MODEL):
         return os.environ[C.ENV_MODEL]
     from .anyscale import Anyscale
 
-    served = Anyscale.models()
+    served = Anyscale.models(api_base=api_base)  # the endpoint the command will ask, not only the configured one
     if not served:
         raise SystemExit("The endpoint lists no models; pass --model")
     return served[0]["id"]
@@ -131,7 +132,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     from .anyscale import Anyscale
 
-    lm = Anyscale(_pick_model(args.model), api_base=args.api_base, use_chat_api=not args.completions)
+    model = _pick_model(args.model, args.api_base)
+    lm = Anyscale(model, api_base=args.api_base, use_chat_api=not args.completions)
     adapter = dspy.JSONAdapter() if args.json else None
     with dspy.context(lm=lm, adapter=adapter):
         prediction = dspy.ChainOfThought("question -> answer")(question=args.question)
@@ -150,8 +152,38 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from .usage import format_summary, read_log, summarize
 
-    print(format_summary(summarize(read_log(args.file))))
+    print(format_summary(summarize(read_log(_usage_log(args.file)))))
     return 0
+
+
+def _usage_log(file: str | None) -> str:
+    """The log to summarise: the file given, else ``ANYSCALE_USAGE_LOG`` (where the LMs write theirs)."""
+    from ._config import resolve_usage_log
+    from .errors import MissingConfigurationError
+
+    path = resolve_usage_log(file)
+    if path is None:
+        raise MissingConfigurationError(
+            f"no usage log to read: pass one (python -m dspy_anyscale usage usage.jsonl) or set {C.ENV_USAGE_LOG}"
+        )
+    return path
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a bad option value before anything starts: no stand-in built, no request sent."""
+    from ._config import normalize_base_url
+    from ._params import check_value
+
+    if getattr(args, "model", None) is not None:
+        from .anyscale import _check_model  # imports DSPy: only for the commands that take a model
+
+        _check_model(args.model)
+    if getattr(args, "api_base", None) is not None:
+        normalize_base_url(args.api_base, "--api-base")
+    if getattr(args, "max_tokens", None) is not None:
+        check_value("max_tokens", args.max_tokens)
+    if args.run is cmd_usage:
+        args.file = _usage_log(args.file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run a small ChainOfThought QA program (starts a local server if needed)")
     demo.add_argument("--model", help="model id (default: ANYSCALE_MODEL, else the first the endpoint lists)")
-    demo.add_argument("--max-tokens", type=int, default=256)
+    demo.add_argument("--max-tokens", type=int, default=C.DEMO_MAX_TOKENS)
     demo.add_argument("questions", nargs="*", help="questions to ask instead of the built-in three")
     demo.set_defaults(run=cmd_demo)
 
@@ -177,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(run=cmd_ask)
 
     usage = commands.add_parser("usage", help=f"summarise a usage log (usage_log= or {C.ENV_USAGE_LOG})")
-    usage.add_argument("file", help="a JSON-lines usage log")
+    usage.add_argument("file", nargs="?", help=f"a JSON-lines usage log (default: {C.ENV_USAGE_LOG})")
     usage.set_defaults(run=cmd_usage)
     return parser
 
@@ -190,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import AnyscaleError
 
     try:
+        check_options(args)
         return args.run(args)
     except (AnyscaleError, LMError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

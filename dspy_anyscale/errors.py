@@ -38,6 +38,8 @@ Refused by the client's own limits before anything is sent (DSPy's LMError, neve
 
     BudgetExceededError     the request's worst case could take spend over budget_usd (or max_requests)
     LimiterTimeoutError     a caller's own wait limit passed while queued for a slot or a rate bucket
+    └── LimiterDeadlockError  a plain (sync) call on an event loop's thread would wait for that same
+                            loop's tasks, which cannot run while it blocks: refused at once
 
 All of DSPy's classes are re-exported here, so ``from dspy_anyscale.errors import LMRateLimitError``
 works. No message ever contains the API key.
@@ -84,6 +86,7 @@ __all__ = [
     "LMUnexpectedError",
     "LMUnsupportedFeatureError",
     "LMUnsupportedModelError",
+    "LimiterDeadlockError",
     "LimiterTimeoutError",
     "MissingConfigurationError",
     "PoolError",
@@ -181,6 +184,19 @@ class LimiterTimeoutError(LMError, TimeoutError):
     """
 
     default_code = "limiter_timeout"
+
+
+class LimiterDeadlockError(LimiterTimeoutError):
+    """A synchronous call on the thread of a running event loop would have to wait for a slot that
+    only tasks of that same loop can free (or behind such tasks in the queue): they cannot run while
+    the call blocks their loop, so it would wait forever. Refused at once; nothing was sent.
+
+    Inside ``async def`` code use ``await lm.acall(...)``, or run the plain call in a thread
+    (``await asyncio.to_thread(lm, ...)``). A ``LimiterTimeoutError``: caught where a limiter
+    timeout is, and never retried by DSPy.
+    """
+
+    default_code = "limiter_deadlock"
 
 
 class RetryWaitTooLongError(ProviderError):

@@ -42,7 +42,10 @@ def portkey_headers(
             requires one; a self-hosted open-source gateway does not, and then none is sent.
         provider: the provider behind the gateway (``"anyscale"``, or ``"openai"`` for any
             OpenAI-compatible server reached through ``custom_host``).
-        virtual_key: a Portkey virtual key holding the provider's credential.
+        virtual_key: a Portkey virtual key holding the provider's credential. It is a secret (never
+            saved, pickled or shown in errors) that also picks the upstream, so it joins the cache
+            identity as a keyed digest, never as its value (see ``_identity``); so does a config
+            target's ``virtual_key``. The Portkey and provider keys do not: they route nowhere.
         custom_host: the provider's base URL, for a self-hosted endpoint (an Anyscale Service, vLLM).
         config: a Portkey config (fallbacks, load balancing, retries), as a dict or a saved config id.
         trace_id: groups the requests of one run in Portkey's logs.

@@ -2,7 +2,8 @@
 
 Everything runs through DSPy's own call path, so its cache, retries with backoff, ``n``
 fan-out, history, usage tracking and callbacks apply to direct prompts as much as to programs.
-``forward``/``aforward`` are not overridden (that path is deprecated and loses all of the above).
+``forward``/``aforward`` stay DSPy's own (a custom ``forward`` is deprecated and loses all of the
+above); they only get the cache identity added, like every other entry point (see ``_KeyedEntryPoint``).
 
 Three ways in:
 
@@ -14,9 +15,10 @@ Three ways in:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from dataclasses import replace
+from types import MethodType
 from typing import Any, NoReturn
 
 import dspy
@@ -25,8 +27,8 @@ from dspy.utils.exceptions import LMProviderError
 
 from . import _constants as C
 from ._direct_stream import astream_text, stream_text
-from ._identity import strip_identity_metadata, with_identity_metadata
-from ._observe import Call, Observer, finish_call, observed_call, open_call, within
+from ._identity import check_user_metadata, strip_identity_metadata, with_identity_metadata
+from ._observe import Call, Observer, call_answered, finish_call, observed_call, open_call, within
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
 from .errors import InvalidParameterError, UnsupportedParameterError, public_error
 
@@ -117,6 +119,7 @@ def _end_stream(call: Call | None, exc: BaseException, model: str) -> NoReturn:
 def _request_with_identity(request: Request, identity: str) -> Request:
     """The Request with the cache identity in this package's ``config.extensions`` directive."""
     extensions = dict(request.config.extensions or {})
+    check_user_metadata(extensions.get("metadata"))
     directive = extensions.get(C.ENGINE_EXTENSION_KEY)
     if directive is not None and not isinstance(directive, Mapping):
         return request  # malformed: the engine refuses it with the field's name
@@ -134,6 +137,43 @@ def _texts(response: Mapping[str, Any], only_completed: bool, return_sorted: boo
     return [choice["text"] for choice in select_choices(response["choices"], only_completed, return_sorted)]
 
 
+def _keyed_forward(self: HFModel, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+    """``dspy.LM.forward`` with the cache identity added: one observed call, errors as users see them."""
+    with self._observed():
+        prompt, kwargs = self._keyed(prompt, kwargs)
+        return dspy.LM.forward(self, prompt, messages, **kwargs)
+
+
+async def _keyed_aforward(self: HFModel, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
+    """``dspy.LM.aforward`` with the cache identity added."""
+    with self._observed():
+        prompt, kwargs = self._keyed(prompt, kwargs)
+        return await dspy.LM.aforward(self, prompt, messages, **kwargs)
+
+
+class _KeyedEntryPoint:
+    """``forward`` / ``aforward``: DSPy's own entry point, called with the cache identity added.
+
+    They are public (DSPy's ``SandboxLM`` calls them), so they must key the cache like ``__call__``.
+    DSPy 3.4 tells an engine LM from a deprecated custom-``forward`` one by comparing the class
+    attribute with ``dspy.LM``'s (``execution.prepare``): read from the class, this answers with
+    DSPy's own function, and that is truly what runs, through the engine, with DSPy's cache,
+    retries and history. Read from an instance, it is that function with the identity put in the call.
+    """
+
+    def __init__(self, keyed: Callable[..., Any]) -> None:
+        self._keyed = keyed
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return getattr(dspy.LM, self._name)
+        return MethodType(self._keyed, instance)
+
+
 class HFModel(dspy.LM):
     """The old ``HFModel`` interface (``kwargs``, ``history``, ``_generate``, ``basic_request``,
     ``request``, ``__call__(prompt, only_completed, return_sorted)``, ``inspect_history``) as a
@@ -149,6 +189,10 @@ class HFModel(dspy.LM):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, model_type=model_type, engine=engine, async_engine=async_engine, **kwargs)
+        check_user_metadata(self.kwargs.get("metadata"))  # refused now, not at the first call
+
+    forward = _KeyedEntryPoint(_keyed_forward)
+    aforward = _KeyedEntryPoint(_keyed_aforward)
 
     # --- the old direct surface ----------------------------------------------------------------
 
@@ -157,7 +201,8 @@ class HFModel(dspy.LM):
         with self._observed():
             if _is_program_call(prompt, kwargs):
                 prompt, kwargs = self._keyed(prompt, kwargs)
-                return super().__call__(prompt, **kwargs)
+                with self._candidates(self._program_n(kwargs)):  # DSPy fans n out into n requests
+                    return super().__call__(prompt, **kwargs)
             response = self.request(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
 
@@ -166,7 +211,8 @@ class HFModel(dspy.LM):
         with self._observed():
             if _is_program_call(prompt, kwargs):
                 prompt, kwargs = self._keyed(prompt, kwargs)
-                return await super().acall(prompt, **kwargs)
+                with self._candidates(self._program_n(kwargs)):
+                    return await super().acall(prompt, **kwargs)
             response = await self._agenerate(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
 
@@ -201,7 +247,8 @@ class HFModel(dspy.LM):
         with self._observed():
             plan = self._plan(kwargs)
             request = self._direct_request(_prompt(prompt), plan)
-            responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
+            with self._candidates(plan.n):
+                responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
             return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
 
     async def _agenerate(self, prompt: str, **kwargs: Any) -> dict[str, Any]:
@@ -211,10 +258,24 @@ class HFModel(dspy.LM):
         with self._observed():
             plan = self._plan(kwargs)
             request = self._direct_request(_prompt(prompt), plan)
-            responses = await asyncio.gather(
-                *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
-            )
+            with self._candidates(plan.n):  # the gathered tasks inherit it
+                responses = await asyncio.gather(
+                    *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
+                )
             return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
+
+    # --- n candidates: one call ----------------------------------------------------------------------
+
+    def _candidates(self, n: int) -> AbstractContextManager[Any]:
+        """A call of ``n`` requests: the LM's limits (a subclass's ``limiter``) reserve all of them at
+        its first request, or refuse before any is sent, so no completion is paid for and dropped."""
+        limiter = getattr(self, "limiter", None)
+        return limiter.candidates(n) if limiter is not None and n > 1 else nullcontext()
+
+    def _program_n(self, kwargs: Mapping[str, Any]) -> int:
+        """How many requests DSPy makes for a program call (its ``n``; DSPy checks the value)."""
+        n = kwargs["n"] if "n" in kwargs else self.kwargs.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Yield the completion's text as it arrives. Same options as ``_generate`` (one completion).
@@ -232,7 +293,7 @@ class HFModel(dspy.LM):
     # task that runs the request (never in the consumer's context), and ends when the generator does.
 
     def _stream(self, request: Request) -> Iterator[str]:
-        call = open_call(self._observers(), self.model)
+        call = open_call(self._observers(), self.model, stream=True)
         try:
             yield from stream_text(lambda: self._streamed_call(call, request))
         except BaseException as exc:
@@ -240,10 +301,12 @@ class HFModel(dspy.LM):
         finish_call(call)
 
     async def _astream(self, request: Request) -> AsyncIterator[str]:
-        call = open_call(self._observers(), self.model)
+        call = open_call(self._observers(), self.model, stream=True)
         try:
-            async for chunk in astream_text(lambda: self._streamed_call(call, request)):
-                yield chunk
+            # Closed with this generator, not whenever it is collected: the request stops first, then the call ends.
+            async with aclosing(astream_text(lambda: self._streamed_call(call, request))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except BaseException as exc:
             _end_stream(call, exc, self.model)
         finish_call(call)
@@ -267,12 +330,13 @@ class HFModel(dspy.LM):
         """Who hears of each call and attempt (usage records, tracing). Subclasses say."""
         return ()
 
-    def _cost(self, usage: Mapping[str, Any]) -> float | None:
-        """The cost of one history entry's usage, when the subclass knows prices."""
+    def _priced(self, usage: Mapping[str, Any]) -> tuple[float | None, dict[str, Any]] | None:
+        """(cost, DSPy's ``cost_details``) of one history entry's usage, when the subclass has a price
+        table; None leaves DSPy's own (which prices no custom engine)."""
         return None
 
     def update_history(self, entry: dict[str, Any]) -> None:
-        """DSPy's history, with ``cost`` filled in from the price table (DSPy prices no custom engine), and
+        """DSPy's history, with ``cost`` and ``cost_details`` from the price table (DSPy prices no custom engine), and
         a program call's ``metadata`` as the caller gave it (without the cache identity)."""
         kwargs = entry.get("kwargs")
         if isinstance(kwargs, dict) and "metadata" in kwargs:
@@ -280,9 +344,11 @@ class HFModel(dspy.LM):
             entry["kwargs"] = {key: value for key, value in kwargs.items() if key != "metadata"}
             if metadata is not None:
                 entry["kwargs"]["metadata"] = metadata
-        usage = entry.get("usage") or {}
-        if entry.get("cost") is None and usage:
-            entry["cost"] = self._cost(usage)
+        if entry.get("cost") is None:
+            priced = self._priced(entry.get("usage") or {})
+            if priced is not None:  # cost and cost_details from one table: they always agree
+                entry["cost"], entry["cost_details"] = priced
+        call_answered()  # inside DSPy's LM call, for a cache hit too: its span nests where a miss's does
         super().update_history(entry)
 
     def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:
@@ -303,7 +369,9 @@ class HFModel(dspy.LM):
                 return cached[1]
         kwargs = dict(kwargs)
         extensions = self._direct_extensions(kwargs)  # takes the subclass's own keys out of kwargs
-        plan = plan_direct_call({**self.kwargs, **kwargs}, extensions)
+        options = {**self.kwargs, **kwargs}
+        check_user_metadata(options.get("metadata"))
+        plan = plan_direct_call(options, extensions)
         if not kwargs:
             self._default_plan = (dict(self.kwargs), plan)
         return plan

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _constants as C
-from ._observe import Attempt, Call, Observer, error_name
+from ._observe import CANCELLED, Attempt, Call, Observer, error_name
 from .catalog import Prices, model_info
 
 logger = logging.getLogger(C.LOGGER_NAME)
@@ -76,6 +76,38 @@ class CostTable:
     def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
         prices = self.price(model)
         return prices.cost(prompt_tokens, completion_tokens) if prices else None
+
+    def estimate(
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> tuple[float | None, dict[str, Any]]:
+        """(cost, provenance) in the shape of DSPy's history ``cost_details``: an ``estimate`` from this
+        package's price table, or ``unknown`` with the reason, so that the two always agree."""
+        prices = self.price(model)
+        if prices is None:
+            return None, _unknown(
+                f"no price for {model!r}: pass prices={{'input': ..., 'output': ...}} (USD per million tokens)"
+            )
+        cost = prices.cost(prompt_tokens, completion_tokens)
+        if cost is None:
+            # Also a DSPy cache hit: its history entry carries no usage (nothing was sent for it).
+            return None, _unknown(
+                "no input and output token counts for this entry (the server sent none, or DSPy's cache answered)"
+            )
+        table = "prices= (USD per million tokens)" if self.prices is not None else "the legacy Anyscale catalogue"
+        return cost, {
+            "kind": "estimate",
+            "currency": "USD",
+            "provider": C.PROVIDER,
+            "model": model,
+            "metadata": {
+                "source": f"{C.LOGGER_NAME} price table: {table}",
+                "usd_per_million_tokens": {"input": prices.input, "output": prices.output},
+            },
+        }
+
+
+def _unknown(reason: str) -> dict[str, Any]:
+    return {"kind": "unknown", "reason": reason}
 
 
 class UsageRecorder(Observer):
@@ -126,9 +158,12 @@ def build_record(
 ) -> UsageRecord:
     attempts = list(attempts)
     succeeded = [a for a in attempts if a.ok]
-    prompt = _total(a.prompt_tokens for a in succeeded)
-    completion = _total(a.completion_tokens for a in succeeded)
-    ttfts = [a.ttft_s for a in succeeded if a.ttft_s is not None]
+    # An attempt cut off after the server took it (a stream closed mid-answer, a request cancelled in
+    # flight) used tokens nobody counted: the call's tokens and cost are unknown, not those of the rest.
+    uncounted = any(_maybe_billed(a) for a in attempts)
+    prompt = None if uncounted else _total(a.prompt_tokens for a in succeeded)
+    completion = None if uncounted else _total(a.completion_tokens for a in succeeded)
+    ttfts = [a.ttft_s for a in attempts if a.ttft_s is not None]
     return UsageRecord(
         timestamp=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         model=attempts[-1].model if attempts else model,
@@ -138,12 +173,39 @@ def build_record(
         ttft_ms=round(min(ttfts) * 1000, 3) if ttfts else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
-        cost_usd=cost(model, prompt, completion) if succeeded else 0.0,
+        cost_usd=_call_cost(model, prompt, completion, succeeded, uncounted, cost),
         attempts=len(attempts),
-        retries=len(attempts) - len(succeeded),
+        retries=count_retries(attempts, error),
         request_ids=tuple(a.request_id for a in attempts if a.request_id),
         stream=any(a.stream for a in attempts),
     )
+
+
+def _maybe_billed(attempt: Attempt) -> bool:
+    """A failed attempt the server may have generated for: it had started answering, or it was cancelled
+    in flight. One refused with an error status, or never connected, cost nothing."""
+    if attempt.ok:
+        return False
+    answering = attempt.ttft_s is not None or (attempt.status is not None and 200 <= attempt.status <= 299)
+    return answering or (attempt.error == CANCELLED and attempt.status is None)
+
+
+def _call_cost(
+    model: str, prompt: int | None, completion: int | None, succeeded: list[Attempt], uncounted: bool, cost: Any
+) -> float | None:
+    """USD for the call: 0 when nothing could have been billed, None (unknown) when a count or the price is."""
+    if uncounted:
+        return None
+    return cost(model, prompt, completion) if succeeded else 0.0
+
+
+def count_retries(attempts: list[Attempt], error: BaseException | None) -> int:
+    """Attempts that were resent after a failure: failed attempts, less the one that ended a failed call.
+
+    A request that is cancelled, refused or fails for good was not retried: one request, no retry.
+    """
+    failed = sum(not a.ok for a in attempts)
+    return max(0, failed - (1 if error is not None and failed else 0))
 
 
 def _total(counts: Iterable[int | None]) -> int | None:
@@ -205,7 +267,7 @@ class ModelSummary:
     refused: int  # refused by the client before sending (budget)
     prompt_tokens: int
     completion_tokens: int
-    unknown_tokens: int  # answered calls whose token counts the server did not send
+    unknown_tokens: int  # calls whose token counts are unknown (not sent by the server, or stopped mid-answer)
     cost_usd: float | None
     p50_ms: float | None
     p95_ms: float | None
@@ -222,9 +284,11 @@ def summarize(records: Iterable[Mapping[str, Any] | UsageRecord]) -> list[ModelS
 
 def _summary(model: str, rows: list[Mapping[str, Any]]) -> ModelSummary:
     answered = [row for row in rows if row.get("status") == _OK]
-    costs = [row.get("cost_usd") for row in answered]
+    # Every call that reached the server counts: a stream stopped mid-answer was billed for what it made.
+    sent = [row for row in rows if row.get("status") not in (_CACHED, "budget")]
+    costs = [row.get("cost_usd") for row in sent]
     latencies = sorted(_number(row.get("latency_ms")) for row in answered)
-    unknown = [row for row in answered if row.get("prompt_tokens") is None or row.get("completion_tokens") is None]
+    unknown = [row for row in sent if row.get("prompt_tokens") is None or row.get("completion_tokens") is None]
     return ModelSummary(
         model=model,
         calls=len(rows),
@@ -272,5 +336,8 @@ def format_summary(summaries: list[ModelSummary]) -> str:
             f"{s.completion_tokens:10d}{mark} {cost} {p50} {p95}"
         )
     if any(s.unknown_tokens for s in summaries):
-        lines.append("* some calls' token counts were not sent by the server: the totals leave them out")
+        lines.append(
+            "* some calls' token counts were not sent by the server (or the call was stopped mid-answer): "
+            "the totals leave them out"
+        )
     return "\n".join(lines)

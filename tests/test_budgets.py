@@ -4,20 +4,24 @@ asyncio tasks, streams and copies; a refusal is never sent nor retried; one 429 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import pickle
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
 import pytest
 from dspy.utils.exceptions import is_retryable_lm_error
 
-from dspy_anyscale import ConfigurationError
+from dspy_anyscale import ConfigurationError, testing
 from dspy_anyscale.cli import main as cli
-from dspy_anyscale.errors import BudgetExceededError
+from dspy_anyscale.errors import BudgetExceededError, LimiterDeadlockError, LMError
 from dspy_anyscale.testing import Fault
+
+from .test_limits import DENSE, run_bounded
 
 PRICES = {"input": 100.0, "output": 100.0}  # USD per million tokens: a stub call costs ~ $0.001
 
@@ -203,3 +207,160 @@ def test_an_unpickled_lm_never_gets_a_fresh_budget(make_lm, monkeypatch):
 def test_no_limits_means_no_limiter(make_lm):
     lm = make_lm()
     assert not lm.limiter.enabled and lm.spending().budget_usd is None
+
+
+# --- never a hang ------------------------------------------------------------------------------------
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def test_a_plain_call_inside_async_code_fails_at_once_rather_than_hang_behind_its_own_loop(make_lm, stub):
+    _slow(stub, 0.2)
+    lm = make_lm(max_concurrency=1, cache=False)
+
+    async def handler():  # a FastAPI handler, a notebook cell
+        pending = asyncio.create_task(lm.acall("first"))
+        await _until(lambda: lm.limiter.in_flight == 1)  # the acall holds the only slot
+        with pytest.raises(LimiterDeadlockError, match=r"await lm\.acall"):
+            lm("second")
+        assert await pending == ["echo: first"]
+        return lm("third")  # nothing of this loop ahead: it goes
+
+    assert run_bounded(lambda: asyncio.run(handler()), 60) == ["echo: third"]
+    assert len(stub.posts()) == 2  # the refused call sent nothing
+    assert sorted(record.status == "ok" for record in lm.usage) == [False, True, True]
+
+
+def test_a_sync_stream_read_inside_async_code_fails_at_once_rather_than_hang_behind_its_own_loop(make_lm, stub):
+    _slow(stub, 0.2)
+    lm = make_lm(max_concurrency=1, cache=False)
+
+    async def handler():
+        pending = asyncio.create_task(lm.acall("first"))
+        await _until(lambda: lm.limiter.in_flight == 1)  # the acall holds the only slot
+        with pytest.raises(LimiterDeadlockError, match=r"await lm\.acall"):
+            "".join(lm.stream("second"))  # its request runs on another loop, on behalf of this blocked one
+        assert await pending == ["echo: first"]
+        return "".join(lm.stream("third"))
+
+    assert run_bounded(lambda: asyncio.run(handler()), 60) == "echo: third"
+    assert len(stub.posts()) == 2  # the refused stream sent nothing
+
+
+def test_first_answer_wins_leaves_nothing_that_blocks_later_callers(make_lm, stub):
+    _slow(stub, 0.2)
+    lm = make_lm(max_concurrency=1, cache=False)
+    loop = asyncio.new_event_loop()
+    try:
+        tasks = [loop.create_task(lm.acall(f"q{i}")) for i in range(3)]
+        done, pending = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+        assert len(done) == 1 and len(pending) == 2  # the loop stopped with the losers in the gate
+        assert run_bounded(lambda: lm("later"), 60) == ["echo: later"]
+        assert run_bounded(lambda: asyncio.run(lm.acall("later, async")), 60) == ["echo: later, async"]
+        results = [*loop.run_until_complete(asyncio.gather(*pending)), *(task.result() for task in done)]
+        assert sorted(answer for [answer] in results) == [f"echo: q{i}" for i in range(3)]  # resumed, they finish
+    finally:
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+    assert (lm.limiter.in_flight, lm.limiter.waiting) == (0, 0)
+    assert len(stub.posts()) == 5
+
+
+# --- never an overspend ----------------------------------------------------------------------------
+
+
+def _usage_a_token_per_byte(body, text):
+    """What a byte-level BPE counts at worst: a token per UTF-8 byte, plus a few for the chat template."""
+    if "messages" in body:
+        prompt = sum(len(str(message.get("content") or "").encode()) + 6 for message in body["messages"]) + 10
+    else:
+        prompt = len(str(body.get("prompt", "")).encode()) + 1
+    completion = max(1, len(text.split()))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_the_budget_holds_against_a_server_that_counts_a_token_per_byte(make_lm, stub, monkeypatch, chat):
+    monkeypatch.setattr(testing, "_usage", _usage_a_token_per_byte)
+    _slow(stub, 0.02)
+    budget = 0.10
+    lm = make_lm(
+        prices={"input": 10.0, "output": 10.0}, budget_usd=budget, max_tokens=20, cache=False, use_chat_api=chat
+    )
+    texts = list(DENSE.values())
+
+    def one(i):
+        with contextlib.suppress(BudgetExceededError):
+            lm(texts[i % len(texts)][: 200 + 13 * i])
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(64)))
+    spending = lm.spending()
+    assert spending.requests >= 2 and spending.refused >= 1
+    assert spending.spent_usd <= budget and spending.overruns == 0
+    assert _total_cost(lm) <= budget + 1e-12, "what the server counted costs no more than the budget"
+
+
+def test_every_request_sent_counts_against_max_requests_whatever_its_answer(make_lm, stub):
+    stub.chaos(1.0, [Fault(status=500, headers={"Retry-After": "0"})])
+    lm = make_lm(max_requests=1, cache=False, num_retries=2)
+    for i in range(5):
+        with pytest.raises(LMError):
+            lm(f"q{i}")
+    assert len(stub.posts()) == 1, "one request allowed, one sent: DSPy's retries are requests too"
+    spending = lm.spending()
+    assert (spending.requests, spending.remaining_requests, spending.failed) == (1, 0, 1)
+    assert "1 request of 1, 0 left" in str(spending)
+
+
+def _n_call(lm, how: str, n: int) -> list:
+    messages = [{"role": "user", "content": "name a colour"}]
+    if how == "_generate":
+        return lm._generate("name a colour", n=n)["choices"]
+    if how == "_agenerate":
+        return asyncio.run(lm._agenerate("name a colour", n=n))["choices"]
+    if how == "dspy.Predict":
+        with dspy.context(lm=lm):
+            return dspy.Predict("question -> answer", n=n)(question="name a colour").completions.answer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # messages= dicts, as adapters send them
+        if how == "messages":
+            return lm(messages=messages, n=n)
+        return asyncio.run(lm.acall(messages=messages, n=n))
+
+
+@pytest.mark.parametrize("how", ["_generate", "_agenerate", "messages", "acall messages", "dspy.Predict"])
+def test_a_call_of_n_completions_is_reserved_whole_or_refused_before_sending(make_lm, stub, how):
+    lm = make_lm(max_requests=2, cache=False, use_chat_api=True)
+    with pytest.raises(BudgetExceededError, match="3 requests"):
+        _n_call(lm, how, 3)
+    assert stub.posts() == [], "nothing paid for and thrown away"
+    assert len(_n_call(lm, how, 2)) == 2 and len(stub.posts()) == 2
+    assert lm.spending().remaining_requests == 0
+
+
+def test_a_call_of_n_completions_that_does_not_fit_the_budget_sends_nothing(make_lm, stub):
+    probe = make_lm(prices=PRICES, budget_usd=1e-9, max_tokens=20)
+    with pytest.raises(BudgetExceededError) as refused:
+        probe._generate("name a colour")
+    worst = refused.value.request_usd  # one completion's worst case
+    lm = make_lm(prices=PRICES, budget_usd=2.5 * worst, max_tokens=20, cache=False)
+    with pytest.raises(BudgetExceededError, match="3 requests"):
+        lm._generate("name a colour", n=3)
+    assert stub.posts() == []
+    assert len(lm._generate("name a colour", n=2)["choices"]) == 2
+
+
+def test_spending_prices_the_answers_without_a_budget(make_lm, stub):
+    lm = make_lm(prices=PRICES, max_concurrency=2, cache=False)
+    lm("what does this cost?")
+    asyncio.run(lm.acall("and this one?"))
+    spending = lm.spending()
+    assert spending.spent_usd is not None and spending.spent_usd > 0
+    assert spending.spent_usd == pytest.approx(_total_cost(lm), rel=1e-9)
+    assert "unknown" not in str(spending)

@@ -84,3 +84,49 @@ def test_a_bad_option_value_is_an_error_message_not_a_traceback(stub, capsys, mo
     monkeypatch.setenv("ANYSCALE_API_KEY", SECRET)
     assert cli(["demo", "--model", MODEL, "--max-tokens", "0"]) == 1
     assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
+def test_ask_without_model_lists_the_models_of_the_api_base_given(stub, capsys, monkeypatch):
+    # No ANYSCALE_API_BASE anywhere (the isolated fixture): the model list must come from --api-base.
+    monkeypatch.setenv("ANYSCALE_API_KEY", SECRET)
+    monkeypatch.delenv("ANYSCALE_MODEL", raising=False)
+    assert cli(["ask", "What is 2+2?", "--api-base", stub.base_url]) == 0, capsys.readouterr().err
+    assert stub.posts(), "the question went to the --api-base endpoint"
+    assert all(post.body["model"] == MODEL for post in stub.posts())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--max-tokens", "-5"], "max_tokens must be a positive integer"),
+        (["demo", "--model", " padded "], "model must be a non-empty string"),
+        (["ask", "hi", "--api-base", "ftp://example.invalid/v1"], "--api-base must be an http(s) URL"),
+        (["ask", "hi", "--model", ""], "model must be a non-empty string"),
+    ],
+)
+def test_options_are_checked_before_anything_starts(argv, message, capsys, monkeypatch):
+    from dspy_anyscale.servers import llama_server
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("the stand-in was started before the options were checked")
+
+    monkeypatch.setattr(llama_server, "start", no_start)
+    monkeypatch.delenv("ANYSCALE_MODEL", raising=False)
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "stand-in" not in err.lower()
+
+
+def test_usage_cli_reads_the_log_named_by_the_environment(make_lm, tmp_path, capsys, monkeypatch):
+    log = tmp_path / "env-usage.jsonl"
+    lm = make_lm(usage_log=log, cache=False)
+    lm("one call")
+    monkeypatch.setenv("ANYSCALE_USAGE_LOG", str(log))
+    assert cli(["usage"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(MODEL))
+    assert row.split()[1] == "1"
+
+
+def test_usage_cli_without_a_log_says_how_to_name_one(capsys):
+    assert cli(["usage"]) == 1
+    assert "ANYSCALE_USAGE_LOG" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Forked children (multiprocessing's fork start method, pre-fork servers) never share their parent's
-pooled connections: every answer matches its question, and the parent keeps working."""
+pooled connections: every answer matches its question, and the parent keeps working. Their limiter
+starts with a free gate, and never with a copy of the parent's ledger (they refuse instead)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import gc
 import multiprocessing
 import os
 import queue
+import threading
+import time
 
 import pytest
 
@@ -98,3 +101,74 @@ def test_children_forked_from_inside_a_running_loop_leave_the_parents_loop_alone
 
     assert asyncio.run(parent()) == [f"echo: parent {number}" for number in range(5)]
     assert_parent_still_works(lm)
+
+
+# --- the limiter in a forked child ----------------------------------------------------------------
+
+_INHERITED: dict[str, object] = {}  # what a forked child finds in memory, as a module global would be
+
+
+def _ask_inherited(question: str) -> tuple[str, str]:
+    """In a child: one call on the LM inherited from the parent; what came back, or the error."""
+    try:
+        return "ok", _INHERITED["lm"](question)[0]  # type: ignore[operator]
+    except Exception as exc:  # reported to the parent
+        return type(exc).__name__, str(exc)
+
+
+def _in_a_forked_child(question: str, timeout: float = 30.0) -> tuple[str, str]:
+    """``_ask_inherited(question)`` in one forked child; a child that hangs fails the test."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    process = context.Process(target=lambda: results.put(_ask_inherited(question)))
+    process.start()
+    try:
+        return results.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"the forked child was still blocked after {timeout:g}s")
+    finally:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+def test_a_child_forked_while_a_request_is_in_flight_starts_with_a_free_gate(make_lm, stub):
+    from dspy_anyscale.testing import Fault
+
+    lm = make_lm(max_concurrency=1, cache=False, num_retries=0, timeout=(5, 10))
+    stub.script(Fault(delay=2.0))  # the parent's request stays on the wire while the child is forked
+    parent = threading.Thread(target=lm, args=("parent, in flight",))
+    parent.start()
+    try:
+        deadline = time.monotonic() + 10
+        while lm.limiter.in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert lm.limiter.in_flight == 1
+        _INHERITED["lm"] = lm
+        assert _in_a_forked_child("child") == ("ok", "echo: child")  # the parent's slot stayed with the parent
+    finally:
+        _INHERITED.clear()
+        parent.join(30)
+    assert (lm.limiter.in_flight, lm.limiter.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_requests": 3}, {"budget_usd": 1.0, "prices": {"input": 1.0, "output": 1.0}}, {"requests_per_minute": 600}],
+)
+def test_forked_children_refuse_rather_than_copy_the_ledger(make_lm, stub, limits):
+    lm = make_lm(cache=False, num_retries=0, **limits)
+    lm("before the fork")
+    _INHERITED["lm"] = lm
+    try:
+        with multiprocessing.get_context("fork").Pool(3) as pool:
+            outcomes = pool.map(_ask_inherited, [f"child question {i}" for i in range(9)], chunksize=1)
+    finally:
+        _INHERITED.clear()
+    assert len(stub.posts()) == 1, "no child sent anything on a copy of the parent's ledger"
+    for kind, message in outcomes:
+        assert kind == "ConfigurationError"
+        assert "forked" in message and "initializer" in message and "post_fork" in message
+    assert lm("after the fork") == ["echo: after the fork"]  # the parent's ledger is untouched
+    assert lm.spending().requests == 2

@@ -152,3 +152,23 @@ def test_preview_strips_html_and_truncates():
 def test_redact():
     assert redact(f"Bearer {SECRET}", SECRET) == "Bearer ***"
     assert redact("nothing", None) == "nothing"
+
+
+def test_every_secret_value_sent_is_redacted_when_a_server_echoes_the_headers():
+    from dspy_anyscale._http_errors import unexpected_body
+    from dspy_anyscale._secrets import Secrets
+
+    secrets = Secrets.sent_with(SECRET, {"x-portkey-virtual-key": "vk-upstream-1", "X-Auth-Token": "tok-abc-123"})
+    echo = f"Authorization: Bearer {SECRET}, x-portkey-virtual-key: vk-upstream-1, X-Auth-Token: tok-abc-123"
+    for error in (
+        error_for_status(
+            400, json.dumps({"error": {"message": echo}}).encode(), CaseInsensitiveDict(), url=URL, secret=secrets
+        ),
+        error_for_status(
+            302, b"", CaseInsensitiveDict({"Location": "https://x/?t=tok-abc-123"}), url=URL, secret=secrets
+        ),
+        unexpected_body(URL, 200, echo.encode(), "Expected a JSON body", secrets),
+    ):
+        text = str(error)
+        assert "***" in text
+        assert not any(value in text for value in (SECRET, "vk-upstream-1", "tok-abc-123")), text

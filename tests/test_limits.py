@@ -8,6 +8,7 @@ lower bounds the limiter guarantees and generous upper bounds (the machine is sh
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import itertools
@@ -24,7 +25,7 @@ from dspy import lm15
 from dspy.utils.exceptions import LMError, LMRateLimitError, is_retryable_lm_error
 
 from dspy_anyscale.catalog import Prices
-from dspy_anyscale.errors import ConfigurationError
+from dspy_anyscale.errors import ConfigurationError, LimiterDeadlockError
 from dspy_anyscale.limits import (
     NO_PERMIT,
     UNLIMITED,
@@ -333,7 +334,7 @@ def test_a_waiter_whose_event_loop_closed_does_not_block_the_queue():
 
     worker = threading.Thread(target=thread)
     worker.start()
-    wait_until(lambda: limiter.waiting == 2)
+    wait_until(lambda: limiter.waiting == 1 and worker.is_alive())  # the thread queued, the dead task gone
     blocker.settle(1, 1)
     assert admitted.wait(10)
     worker.join(10)
@@ -358,6 +359,142 @@ def test_waiting_tasks_do_not_block_the_event_loop():
 
     asyncio.run(main())
     assert ticks >= 5  # the loop kept running while the task waited out the cool-down
+
+
+# --- never a hang: sync calls on a loop thread, tasks left on a stopped loop ---------------------------
+
+
+def run_bounded(target: Callable[[], object], timeout: float = 20.0) -> object:
+    """``target()`` in a daemon thread: its result, or its exception; a hang fails the test instead."""
+    outcome: dict[str, object] = {}
+
+    def runner() -> None:
+        try:
+            outcome["value"] = target()
+        except BaseException as exc:  # handed to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still blocked after {timeout:g}s: a hang"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")
+
+
+def test_a_sync_call_on_a_loop_thread_behind_a_task_of_that_loop_fails_at_once():
+    limiter = Limiter(Limits(max_concurrency=1))
+
+    async def handler() -> None:
+        held = await limiter.aacquire()  # an acall of this loop holds the only slot
+        with pytest.raises(LimiterDeadlockError, match=r"await lm\.acall") as refused:
+            limiter.acquire()  # a plain call inside async code would block the loop that must free it
+        assert "max_concurrency=1" in str(refused.value) and "nothing was sent" in str(refused.value)
+        assert isinstance(refused.value, LimiterTimeoutError)  # caught where a limiter timeout is
+        held.settle(1, 1)
+        with limiter.acquire() as permit:  # nothing of this loop ahead now: it goes at once
+            permit.settle(1, 1)
+
+    run_bounded(lambda: asyncio.run(handler()))
+    assert (limiter.in_flight, limiter.waiting, limiter.report().requests) == (0, 0, 2)
+
+
+def test_a_sync_call_on_a_loop_thread_behind_a_queued_task_of_that_loop_fails_at_once():
+    limiter = Limiter(Limits(max_concurrency=1))
+    blocker = limiter.acquire()  # held by another thread
+
+    async def handler() -> None:
+        queued = asyncio.create_task(limiter.aacquire())
+        while limiter.waiting < 1:
+            await asyncio.sleep(0.001)
+        with pytest.raises(LimiterDeadlockError):
+            limiter.acquire()  # the task ahead of it can never run while this call blocks its loop
+        assert limiter.waiting == 1  # the refused call left the queue
+        threading.Timer(0.05, blocker.settle, args=(1, 1)).start()
+        (await queued).settle(1, 1)
+
+    run_bounded(lambda: asyncio.run(handler()))
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+
+
+def test_a_sync_call_on_a_loop_thread_waits_when_only_other_threads_are_ahead():
+    limiter = Limiter(Limits(max_concurrency=2))
+    blocker = limiter.acquire()  # another thread's request
+
+    async def handler() -> None:
+        held = await limiter.aacquire()  # this loop holds one of two slots: the other thread's frees the second
+        threading.Timer(0.1, blocker.settle, args=(1, 1)).start()
+        with limiter.acquire() as permit:  # waits for the other thread, which does let go
+            permit.settle(1, 1)
+        held.settle(1, 1)
+
+    run_bounded(lambda: asyncio.run(handler()))
+    assert (limiter.in_flight, limiter.waiting, limiter.report().requests) == (0, 0, 3)
+
+
+async def _request(limiter: Limiter, seconds: float) -> str:
+    permit = await limiter.aacquire()
+    with permit:
+        await asyncio.sleep(seconds)  # the request on the wire
+        permit.settle(1, 1)
+    return "answered"
+
+
+@pytest.mark.parametrize("left", ["queued", "holding"])
+def test_tasks_left_on_a_stopped_loop_never_block_callers_elsewhere(left):
+    limiter = Limiter(Limits(max_concurrency=1))
+    loop = asyncio.new_event_loop()
+    try:
+        if left == "queued":  # "first answer wins": the losers stay queued, the next one woken but never run
+            tasks = [loop.create_task(_request(limiter, seconds)) for seconds in (0.01, 0.5, 0.5)]
+        else:  # the loser holds the slot, its request in the middle of the wire
+
+            async def winner() -> str:
+                await asyncio.sleep(0.05)
+                return "first"
+
+            tasks = [loop.create_task(_request(limiter, 0.5)), loop.create_task(winner())]
+        done, pending = loop.run_until_complete(asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED))
+        assert len(done) == 1 and pending  # the loop stopped with tasks of it in the gate
+
+        def sync_caller() -> None:
+            with limiter.acquire() as permit:
+                permit.settle(1, 1)
+
+        async def async_caller() -> None:
+            (await limiter.aacquire()).settle(1, 1)
+
+        run_bounded(sync_caller)  # another thread
+        run_bounded(lambda: asyncio.run(async_caller()))  # another event loop
+        # The loop runs again: its tasks take their turn and give everything back.
+        assert loop.run_until_complete(asyncio.gather(*pending)) == ["answered"] * len(pending)
+    finally:
+        loop.close()
+    assert (limiter.in_flight, limiter.waiting) == (0, 0)
+    assert limiter.report().in_flight == 0
+
+
+def test_a_holder_on_a_stopped_loop_counts_again_when_its_loop_resumes():
+    limiter = Limiter(Limits(max_concurrency=1))
+    loop = asyncio.new_event_loop()
+    try:
+        holder = loop.create_task(_request(limiter, 60.0))  # cancelled below, once it has proved its point
+        loop.run_until_complete(asyncio.sleep(0.05))  # it holds the slot; then its loop stops
+        assert limiter.in_flight == 1
+        held = run_bounded(limiter.acquire)  # a stalled slot does not count: admitted
+        assert limiter.in_flight == 2  # both on the wire: the bound gives way rather than hang
+        resumed = threading.Thread(target=loop.run_until_complete, args=(asyncio.wait([holder]),))
+        resumed.start()  # the loop runs again, and its slot counts again
+        wait_until(loop.is_running)
+        held.settle(1, 1)  # type: ignore[union-attr]
+        with pytest.raises(LimiterTimeoutError):
+            limiter.acquire(timeout=0.05)  # the resumed holder has the one slot
+        loop.call_soon_threadsafe(holder.cancel)
+        resumed.join(10)
+    finally:
+        loop.close()
+    assert (limiter.in_flight, limiter.waiting, limiter.report().requests) == (0, 0, 2)
 
 
 # --- request and token rates ------------------------------------------------------------------------
@@ -634,19 +771,35 @@ def test_a_refusal_says_spent_reserved_and_budget_in_usd_and_is_counted():
     assert "1 refused" in str(report)
 
 
-def test_max_requests_caps_requests_and_unbilled_failures_do_not_count():
-    limiter = Limiter(Limits(max_requests=3))
+def test_max_requests_caps_requests_sent_whatever_their_answer():
+    limiter = Limiter(Limits(max_requests=4))
     limiter.acquire().settle(1, 1)
-    limiter.acquire().release_failed(ValueError("400 bad request"))  # not billed: does not count
-    limiter.acquire().release_failed(TimeoutError("read timeout"))  # may be billed: counts
-    held = limiter.acquire()  # the third
+    limiter.acquire().release_failed(ValueError("400 bad request"))  # sent and refused: it counts
+    limiter.acquire().release_failed(TimeoutError("read timeout"))  # sent, maybe billed: it counts
+    held = limiter.acquire()  # the fourth
     with pytest.raises(BudgetExceededError, match="max_requests") as refused:
         limiter.acquire()
-    assert (refused.value.limit, refused.value.requests, refused.value.reserved_requests) == ("max_requests", 2, 1)
+    assert (refused.value.limit, refused.value.requests, refused.value.reserved_requests) == ("max_requests", 3, 1)
+    assert "2 of them failed" in str(refused.value)
     held.settle(1, 1)
     report = limiter.report()
-    assert (report.requests, report.remaining_requests, report.failed, report.refused) == (3, 0, 2, 1)
-    assert "3 requests of 3, 0 left" in str(report)
+    assert (report.requests, report.remaining_requests, report.failed, report.refused) == (4, 0, 2, 1)
+    assert "4 requests of 4, 0 left" in str(report)
+
+
+def test_a_request_answered_500_counts_but_costs_nothing_and_one_never_sent_gives_all_back():
+    limiter = Limiter(Limits(max_requests=2, budget_usd=1.0, requests_per_minute=60), clock=FakeClock())
+    limiter.acquire(WORST).release_failed(lm15.ServerError("500", status=500))  # the server said no
+    with pytest.raises(BudgetExceededError, match="max_requests"):
+        for _ in range(3):  # what DSPy's retries would do
+            limiter.acquire(WORST).release_failed(lm15.ServerError("500", status=500))
+    report = limiter.report()
+    assert (report.requests, report.failed, report.spent_usd, report.remaining_requests) == (2, 2, 0.0, 0)
+
+    unsent = Limiter(Limits(max_requests=1), clock=FakeClock())
+    unsent.acquire().release_failed(ConnectionRefusedError("no listener"), sent=False)  # nothing left the client
+    unsent.acquire().settle(1, 1)
+    assert (unsent.report().requests, unsent.report().failed) == (1, 0)
 
 
 def test_the_budget_is_exact_in_integer_money():
@@ -784,12 +937,72 @@ def test_through_dspy_a_429_pauses_its_retry_n_counts_each_candidate_and_a_refus
     assert clock.sleeps == [pytest.approx(0.01)]
     assert lm("hello", n=3) == ["ok"] * 3  # DSPy's n fan-out: one request, and one permit, per candidate
     report = limiter.report()
-    assert (report.requests, report.failed, report.rate_limited, report.prompt_tokens) == (4, 1, 1, 40)
+    assert (report.requests, report.failed, report.rate_limited, report.prompt_tokens) == (5, 1, 1, 40)
     assert report.spent_usd == pytest.approx(4 * 15 / 1e6)
 
     with pytest.raises(BudgetExceededError):
         lm("hello", max_tokens=10**6)  # a worst case of $1 cannot fit: refused once, never sent or retried
     assert engine.sent == 5 and limiter.report().refused == 1
+
+
+# --- a call of n candidates: all reserved at once, or none --------------------------------------
+
+
+def test_a_call_of_n_candidates_reserves_all_of_them_at_its_first_request_or_none():
+    limiter = Limiter(Limits(max_requests=5))
+    limiter.acquire().settle(1, 1)
+    limiter.acquire().settle(1, 1)  # 3 left
+    with limiter.candidates(4), pytest.raises(BudgetExceededError, match="4 requests") as refused:
+        limiter.acquire()  # the call needs 4: refused before any of them is sent
+    assert refused.value.limit == "max_requests"
+    report = limiter.report()
+    assert (report.requests, report.remaining_requests, report.in_flight, report.refused) == (2, 3, 0, 1)
+
+    with limiter.candidates(3):
+        first = limiter.acquire()  # reserves all three
+        assert limiter.report().remaining_requests == 0
+        with pytest.raises(BudgetExceededError):
+            run_bounded(limiter.acquire)  # another caller cannot take what the call reserved
+        first.settle(1, 1)
+        limiter.acquire().settle(1, 1)
+        limiter.acquire().settle(1, 1)
+    report = limiter.report()
+    assert (report.requests, report.remaining_requests, report.in_flight) == (5, 0, 0)
+
+
+def test_candidates_never_sent_are_given_back_when_the_call_ends():
+    limiter = Limiter(Limits(max_requests=3, budget_usd=0.0006))  # three worst cases of $0.0002
+    with limiter.candidates(3):
+        limiter.acquire(WORST).settle(10, 10)  # the other two came from the cache
+        assert limiter.report().remaining_requests == 0
+    report = limiter.report()
+    assert (report.requests, report.remaining_requests, report.reserved_usd) == (1, 2, 0.0)
+    with limiter.candidates(3), pytest.raises(BudgetExceededError, match="budget_usd") as refused:
+        limiter.acquire(WORST)  # 3 x $0.0002 no longer fits
+    assert refused.value.request_usd == pytest.approx(0.0006)
+    with limiter.candidates(2):
+        limiter.acquire(WORST).settle(10, 10)
+        limiter.acquire(WORST).settle(10, 10)
+    assert limiter.report().requests == 3
+
+
+def test_candidates_requested_concurrently_share_the_reservation():
+    limiter = Limiter(Limits(max_requests=4, max_concurrency=2))
+
+    async def candidate() -> None:
+        permit = await limiter.aacquire()
+        with permit:
+            await asyncio.sleep(0.01)
+            permit.settle(1, 1)
+
+    async def call(n: int) -> None:
+        with limiter.candidates(n):
+            await asyncio.gather(*(candidate() for _ in range(n)))
+
+    asyncio.run(call(3))
+    with pytest.raises(BudgetExceededError, match="3 requests"):
+        asyncio.run(call(3))  # 1 left: none of the three is sent
+    assert (limiter.report().requests, limiter.in_flight, limiter.waiting) == (3, 0, 0)
 
 
 # --- permits ---------------------------------------------------------------------------------------
@@ -802,9 +1015,9 @@ def test_a_permit_takes_effect_once_and_a_with_block_always_frees_it():
     permit.settle(100, 100)  # ignored
     permit.release_failed(TimeoutError())  # ignored
     with pytest.raises(RuntimeError), limiter.acquire(WORST):
-        raise RuntimeError("the engine failed")  # not billed: released
+        raise RuntimeError("the engine failed")  # not billed: its money goes back; a request all the same
     report = limiter.report()
-    assert (report.requests, report.failed, report.spent_usd) == (1, 1, pytest.approx(0.00002))
+    assert (report.requests, report.failed, report.spent_usd) == (2, 1, pytest.approx(0.00002))
     assert limiter.in_flight == 0
 
 
@@ -930,6 +1143,57 @@ def test_an_estimate_is_validated(bad):
         Estimate(**bad)
 
 
+# Dense text, where the estimate runs below a byte-level BPE's count (0.52-0.67x measured on real
+# tokenizers): random base64, random identifiers, symbol-heavy code.
+_RNG = random.Random(7)
+DENSE = {
+    "base64": base64.b64encode(_RNG.randbytes(600)).decode(),
+    "identifiers": " ".join(f"v{_RNG.getrandbits(48):x}_{_RNG.getrandbits(16)}" for _ in range(60)),
+    "code": "for(i=0;i<n;i++){a[i]=b[i]^c[(i*7)%m];}\n" * 20,
+    "non-ascii": "Cửa Việt 我想在apple工作 🚀😶‍🌫️ " * 10,
+}
+
+
+@pytest.mark.parametrize("text", DENSE.values(), ids=DENSE.keys())
+def test_a_budget_reserves_a_true_upper_bound_of_the_prompt_whatever_the_tokenizer(text):
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": text}]
+    estimate = Estimate.for_payload({"messages": messages, "max_tokens": 10}, PRICES)
+    at_most = sum(len(message["content"].encode()) for message in messages)  # a byte-level BPE token >= 1 byte
+    assert estimate.prompt_bound >= at_most + 2 * 16  # with each message's template allowance
+    assert estimate.worst_cost_pico() >= (estimate.prompt_bound + 10) * 10**6  # $1 per million tokens
+    assert estimate.prompt_tokens <= estimate.prompt_bound  # token buckets keep the closer estimate
+    completions = Estimate.for_payload({"prompt": text, "max_tokens": 10}, PRICES)
+    assert completions.prompt_bound >= len(text.encode())
+
+
+def test_16_threads_never_overspend_against_a_server_that_counts_a_token_per_byte():
+    budget = 0.01
+    limiter = Limiter(Limits(budget_usd=budget, max_concurrency=16))
+    texts = list(DENSE.values())
+
+    def spender(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            text = rng.choice(texts)[: rng.randint(100, 600)]
+            messages = [{"role": "user", "content": text}]
+            try:
+                permit = limiter.acquire(Estimate.for_payload({"messages": messages, "max_tokens": 20}, PRICES))
+            except BudgetExceededError:
+                return
+            time.sleep(rng.random() / 1000)
+            # The worst a byte-level BPE can do: a token per byte, plus the chat template's markers.
+            permit.settle(len(text.encode()) + 10, rng.randint(0, 20))
+
+    threads = [threading.Thread(target=spender, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    report = limiter.report()
+    assert report.requests > 10
+    assert report.spent_usd <= budget and report.overruns == 0
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -954,6 +1218,18 @@ def test_without_prices_spending_is_unknown_but_tokens_are_counted():
     report = limiter.report()
     assert (report.spent_usd, report.prompt_tokens, report.completion_tokens) == (None, 7, 3)
     assert str(report).startswith("spent unknown; 1 request;")
+
+
+def test_with_prices_and_no_budget_the_answers_are_priced():
+    limiter = Limiter(Limits(max_concurrency=2))
+    limiter.acquire(Estimate(prompt_tokens=0, prices=PRICES)).settle(70, 30)
+    limiter.acquire(Estimate(prompt_tokens=0, prices=PRICES)).settle(None, None)  # no counts, no worst case
+    report = limiter.report()
+    assert (report.spent_usd, report.prompt_tokens, report.unknown_usage) == (None, 70, 1)
+    priced = Limiter(Limits(max_requests=10))
+    priced.acquire(Estimate(prompt_tokens=0, prices=PRICES)).settle(70, 30)
+    assert priced.report().spent_usd == pytest.approx(0.0001)
+    assert str(priced.report()).startswith("spent $0.000100; 1 request of 10, 9 left")
 
 
 # --- the Ray ledger --------------------------------------------------------------------------------

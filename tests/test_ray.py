@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import dspy
@@ -97,6 +99,91 @@ def test_transient_faults_are_retried_and_a_bad_row_is_reported_not_fatal(local_
     assert all(row["error"] is None for question, row in rows.items() if question != "poison")
     assert summarize_run(results).errors == 1
     assert len(stub.posts()) > 60, "faults were injected and retried"
+
+
+def unruly_program() -> dspy.Module:
+    """Exits on the row "exit"; returns an undeclared field as an int or a str, depending on the row."""
+
+    class Unruly(dspy.Module):  # defined in a function, so that Ray sends it by value
+        def __init__(self):
+            super().__init__()
+            self.predict = dspy.Predict("question -> answer")
+
+        def forward(self, question):
+            if question == "exit":
+                sys.exit(3)  # a script's exit, or a library's sys.exit(): this row's error, not the worker's end
+            answer = self.predict(question=question).answer
+            return dspy.Prediction(answer=answer, extra=len(question) if len(question) % 2 else question)
+
+    return Unruly()
+
+
+def unruly_rows() -> list[dict]:
+    """A column mixing str and int (and a program input doing so too), and a row whose program exits."""
+    rows = [{"question": f"q{i}", "id": i if i % 2 else f"#{i}"} for i in range(10)]
+    return [*rows, {"question": 7, "id": None}, {"question": "exit", "id": 99}]
+
+
+def check_unruly(results, caplog) -> None:
+    from dspy_anyscale.ray import summarize_run
+
+    # One batch of every block: Arrow merges them, which fails if a column has two types in two blocks.
+    [merged] = results.iter_batches(batch_size=100, batch_format="pyarrow")
+    rows = by_question(merged.to_pylist())
+    assert len(rows) == 12
+    assert rows["exit"]["error"] == "SystemExit: 3"
+    assert all(row["error"] is None for question, row in rows.items() if question != "exit")
+    assert rows["7"]["pred_answer"] == "answer for 7" and rows["q3"]["id"] == "3" and rows["7"]["id"] is None
+    assert {type(row["pred_extra"]) for question, row in rows.items() if question != "exit"} == {str}
+    assert "column 'question' (int and str)" in caplog.text and "column 'id' (int and str)" in caplog.text
+    assert summarize_run(results).errors == 1
+
+
+def test_a_row_that_exits_and_columns_mixing_types_never_stop_a_run(local_ray, lm, caplog):
+    from dspy_anyscale.ray import run_program
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            program, rows = unruly_program(), unruly_rows()
+            outcome["results"] = run_program(
+                program, rows, lm=lm, input_keys=["question"], concurrency=1, threads_per_actor=2, batch_size=2
+            )
+        except BaseException as exc:  # reported below, in the test's thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=240)  # before the fix a SystemExit restarted the actor pool forever
+    assert not runner.is_alive(), "the run never finished"
+    assert "error" not in outcome, repr(outcome.get("error"))
+    check_unruly(outcome["results"], caplog)
+
+
+def test_a_prediction_field_keeps_its_declared_type_or_the_row_says_why(stub):
+    from dspy_anyscale.ray._rows import RowRunner, RunSpec, output_columns
+
+    class Counting(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.predict = dspy.Predict("question -> count: int, share: float | None, note")
+
+        def forward(self, question):
+            count = "many" if question == "bad" else 3
+            return dspy.Prediction(count=count, share=1, note=7)
+
+    program = Counting()
+    lm = Anyscale(MODEL, api_base=stub.base_url, api_key=SECRET, cache=False)
+    runner = RowRunner(RunSpec(program, ("question",), tuple(output_columns(program, None))), lm, None)
+    good, bad = runner({"question": "good"}), runner({"question": "bad"})
+    assert (good["pred_count"], good["pred_share"], good["pred_note"], good["error"]) == (3, 1.0, "7", None)
+    assert type(good["pred_share"]) is float
+    assert bad["error"] == (
+        "TypeError: pred_count: the signature declares int, and the program returned str 'many'; "
+        "a column holds one type"
+    )
+    lm.close()
 
 
 def test_the_key_never_travels_with_the_job(local_ray, lm, stub):

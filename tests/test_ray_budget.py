@@ -199,23 +199,89 @@ def test_a_pool_on_an_lm_with_its_own_budget_shares_the_lms_ledger(local_ray, st
             with pytest.raises(ConfigurationError, match=r"budget_usd: .*the pool's lm's .*ProgramPool\(lm=lm.copy"):
                 run_program(program, examples(2), pool=pool, budget_usd=1.0)
         assert lm.spending().requests == len(answered), "the LM's ledger stays with the LM after close()"
+        assert type(lm.limiter.backend).__name__ == "LocalLedger", "close() brought it home, counts and all"
     finally:
         lm.close()
 
 
-@pytest.mark.parametrize("cap", [{"max_requests": 1}, {"budget_usd": 0.004}], ids=["max_requests", "budget_usd"])
+def test_after_a_job_and_ray_shutdown_the_lm_goes_on_and_never_starts_ray(local_ray, stub, tmp_path, monkeypatch):
+    """The LM's ledger comes home when the job is over; a ledger left in Ray (shared by hand, or
+    pickled by program.save(save_program=True)) refuses at once, saying what happened and what to do."""
+    from dspy_anyscale.ray import run_program
+
+    lm = priced_lm(stub.base_url, budget_usd=0.05)
+    kept = priced_lm(stub.base_url, max_requests=5)
+    kept.limiter.share_on_ray()  # shared by hand: it stays in Ray, where its user put it
+    saved = dspy.Predict("question -> answer")
+    saved.lm = kept
+    saved.save(tmp_path / "saved", save_program=True)  # a cloudpickle: the LM's ledger travels as its Ray handle
+    try:
+        rows = run_program(dspy.Predict("question -> answer"), examples(4), lm=lm, concurrency=1).take_all()
+        assert [row["error"] for row in rows] == [None] * 4
+        job = lm.spending()
+        assert (job.requests, job.in_flight) == (4, 0)
+        local_ray.shutdown()
+
+        assert lm("after the job") == ["echo: after the job"]  # its own ledger, with the job's counts
+        spending = lm.spending()
+        assert spending.requests == 5 and spending.spent_usd > job.spent_usd
+        assert not local_ray.is_initialized(), "the LM started no Ray"
+
+        refusal = r"Ray is not running in this process.*lm.copy\(max_requests=5\)"
+        with pytest.raises(ConfigurationError, match=refusal):
+            kept("a ledger left in Ray")
+        with pytest.raises(ConfigurationError, match="Ray is not running"):
+            kept.spending()
+        assert len(stub.posts()) == 5 and not local_ray.is_initialized(), "nothing sent, no Ray started"
+
+        monkeypatch.setenv("ANYSCALE_API_KEY", SECRET)  # a loaded LM reads the key from its environment
+        loaded = dspy.load(str(tmp_path / "saved"), allow_pickle=True)
+        with pytest.raises(ConfigurationError, match=r"save_program=True.*lm.copy\(max_requests=5\)"):
+            loaded(question="loaded elsewhere")
+        loaded.set_lm(loaded.lm.copy(max_requests=5))  # the way out the message names
+        assert loaded(question="loaded elsewhere").answer == "answer for loaded elsewhere"
+        assert not local_ray.is_initialized()
+
+        start_local_ray()  # a new Ray session: the old ledger's actor is not in it
+        with pytest.raises(ConfigurationError, match=r"that actor cannot be reached.*lm.copy\(max_requests=5\)"):
+            kept("a ledger from an ended Ray session")
+    finally:
+        lm.close()
+        kept.close()
+        start_local_ray()  # for the tests after this one (a no-op if Ray runs)
+
+
+def worst_case_usd(stub, program, row) -> float:
+    """What the ledger reserves for the row's request (its worst case), read from a refusal: the
+    prompt estimate is the limiter's business, and this test must not depend on it."""
+    from dspy_anyscale.ray._job_limits import budget_refusal
+
+    probe = priced_lm(stub.base_url, budget_usd=1e-9)
+    try:
+        with dspy.context(lm=probe), pytest.raises(Exception) as raised:
+            program(**row)
+    finally:
+        probe.close()
+    refusal = budget_refusal(raised.value)
+    assert refusal is not None, raised.value
+    return refusal.request_usd
+
+
+@pytest.mark.parametrize("cap", ["max_requests", "budget_usd"])
 def test_a_used_up_cap_stops_the_run_without_asking_again(cap, stub):
     """In one worker, rows one at a time: the first is answered, the second's refusal shows the cap is
     used up (nothing is in flight to free it), and the rows after it fail without asking the ledger."""
     from dspy_anyscale.ray._rows import RowRunner, RunSpec, output_columns
 
-    lm = priced_lm(stub.base_url, **cap)  # $0.004 fits one answer's worst case (~$0.0033), not two
     program = dspy.Predict("question -> answer")
+    # A budget of exactly one request's worst case: it fits the first, and after its answer, not another.
+    limit = 1 if cap == "max_requests" else worst_case_usd(stub, program, examples(1)[0].inputs().toDict())
+    lm = priced_lm(stub.base_url, **{cap: limit})
     runner = RowRunner(RunSpec(program, ("question",), tuple(output_columns(program, None))), lm, None)
     rows = [runner(example.toDict()) for example in examples(4)]
     assert rows[0]["error"] is None and rows[0]["cost_usd"] > 0
     assert rows[1]["error"].startswith(REFUSED) and "the request was not sent" in rows[1]["error"]
-    used_up = "max_requests=1 are used up" if "max_requests" in cap else "budget_usd is used up"
+    used_up = "max_requests=1 are used up" if cap == "max_requests" else "budget_usd is used up"
     assert all(row["error"].startswith(f"{REFUSED}this row was not run: {used_up}") for row in rows[2:])
     assert len(stub.posts()) == 1 and lm.spending().refused == 1, "the rows after it never asked"
     lm.close()

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 from dspy_anyscale import Anyscale  # noqa: E402
 
 from .conftest import MODEL, SECRET  # noqa: E402
-from .test_ray import by_question, examples, start_local_ray  # noqa: E402
+from .test_ray import by_question, check_unruly, examples, start_local_ray, unruly_program, unruly_rows  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -154,6 +154,15 @@ def test_errors_are_reported_per_row_on_a_pool(pool, stub):
     assert all(row["error"] is None for question, row in rows.items() if question != "poison")
     assert (summarize_run(results).errors, score) == (1, 97.5)
     assert len(stub.posts()) > 40, "faults were injected and retried"
+
+
+def test_a_row_that_exits_kills_no_worker_and_mixed_columns_do_not_stop_the_run(pool, caplog):
+    from dspy_anyscale.ray import run_program
+
+    restarts = pool.restarts
+    results = run_program(unruly_program(), unruly_rows(), pool=pool, input_keys=["question"], batch_size=2)
+    check_unruly(results, caplog)
+    assert pool.restarts == restarts and not pool.closed, "the SystemExit stayed in its row"
 
 
 def test_a_pool_owns_its_lm_adapter_and_sizes(pool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import pickle
 
@@ -259,3 +260,173 @@ def test_a_models_error_captured_with_locals_never_shows_the_key(stub):
     finally:
         stub.api_key = SECRET
     assert SECRET not in _with_locals(caught.value)
+
+
+# --- every secret value the LM sends is redacted wherever the key is ------------------------------
+
+# Secret header values of every kind: by name (Portkey's key, a virtual key, X-Auth-Token, a short
+# custom key) and inside a JSON header (a Portkey config's target credential and virtual key).
+HEADER_SECRETS = {
+    "x-portkey-api-key": "pk-portkey-secret-0001",
+    "x-portkey-virtual-key": "vk-portkey-secret-0002",
+    "X-Auth-Token": "auth-token-secret-0003",
+    "X-Api-Key": "k9",
+}
+CONFIG_SECRETS = ("sk-target-secret-0004", "vk-target-secret-0005")
+CONFIG = json.dumps(
+    {
+        "strategy": {"mode": "fallback"},
+        "targets": [{"provider": "openai", "api_key": CONFIG_SECRETS[0]}, {"virtual_key": CONFIG_SECRETS[1]}],
+    }
+)
+SENT_SECRETS = (SECRET, *HEADER_SECRETS.values(), *CONFIG_SECRETS)
+# What a gateway or proxy that quotes the request's headers back says.
+ECHO = "; ".join(
+    [
+        f"Authorization: Bearer {SECRET}",
+        *(f"{name}: {value}" for name, value in HEADER_SECRETS.items()),
+        f"x-portkey-config: {CONFIG}",
+    ]
+)
+
+
+@pytest.fixture
+def secret_lm(make_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPY_ANYSCALE_IDENTITY_KEY_FILE", str(tmp_path / "identity.key"))
+    return make_lm(use_chat_api=True, num_retries=0, headers={**HEADER_SECRETS, "x-portkey-config": CONFIG})
+
+
+def _leaks(text: str) -> list[str]:
+    return [value for value in SENT_SECRETS if value in text.replace("HTTP 4", "").replace("HTTP 5", "")]
+
+
+def _error_text(exc: BaseException) -> str:
+    chain = []
+    error: BaseException | None = exc
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return "\n".join(f"{error}\n{error.args!r}\n{getattr(error, 'message', '')}" for error in chain)
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+ECHOING_FAULTS = {
+    "400 error": Fault(status=400, body={"error": {"message": f"bad request headers: {ECHO}"}}),
+    "401 error": Fault(status=401, body={"detail": f"denied: {ECHO}"}),
+    "500 text": Fault(
+        status=500, body=f"proxy failure, request was: {ECHO}".encode(), headers={"Content-Type": "text/plain"}
+    ),
+    "redirect": Fault(status=307, body=b"", headers={"Location": f"https://login.example/?token={SECRET}"}),
+    "200 echo of the request": Fault(status=200, body={"headers": ECHO, "json": {"model": MODEL}}),
+    "200 html": Fault(status=200, body=f"<html>{ECHO}</html>".encode(), headers={"Content-Type": "text/html"}),
+}
+STREAMED_FAULTS = {
+    "stream error event": Fault(
+        status=200,
+        body=_sse(json.dumps({"error": {"message": f"upstream: {ECHO}"}})),
+        headers={"Content-Type": "text/event-stream"},
+    ),
+    "stream event not JSON": Fault(
+        status=200, body=_sse(f"oops {ECHO}"), headers={"Content-Type": "text/event-stream"}
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(ECHOING_FAULTS.values()), ids=list(ECHOING_FAULTS))
+def test_no_secret_value_sent_appears_in_an_error(secret_lm, stub, fault):
+    stub.script(fault, fault)
+    for call in (
+        lambda: secret_lm._generate("x"),
+        lambda: secret_lm(dspy.lm15.Request(model=MODEL, messages=(dspy.lm15.Message.user("y"),))),
+    ):
+        with pytest.raises(LMError) as caught:
+            call()
+        assert _leaks(_error_text(caught.value)) == []
+        assert _leaks(_with_locals(caught.value)) == []
+    assert all(post.headers.get("X-Auth-Token") == HEADER_SECRETS["X-Auth-Token"] for post in stub.posts())
+
+
+@pytest.mark.parametrize("fault", list(STREAMED_FAULTS.values()), ids=list(STREAMED_FAULTS))
+def test_no_secret_value_sent_appears_in_a_stream_error(secret_lm, stub, fault):
+    stub.script(fault)
+    with pytest.raises(LMError) as caught:
+        "".join(secret_lm.stream("x"))
+    assert "***" in str(caught.value) and _leaks(_error_text(caught.value)) == []
+
+
+def test_evaluate_and_parallel_error_logs_carry_only_redacted_text(secret_lm, stub, caplog):
+    stub.script(*[ECHOING_FAULTS["400 error"]] * 4)
+    program = dspy.Predict("question -> answer")
+    devset = [dspy.Example(question="q1").with_inputs("question")]
+    caplog.set_level(logging.DEBUG)
+    with dspy.context(lm=secret_lm):
+        dspy.Evaluate(devset=devset, metric=lambda *args: 1.0, num_threads=1, provide_traceback=True)(program)
+        results = dspy.Parallel(num_threads=1, max_errors=5, provide_traceback=True)([(program, devset[0].inputs())])
+    assert results == [None]
+    logged = [record.getMessage() for record in caplog.records if "Error for" in record.getMessage()]
+    assert len(logged) == 2 and all("***" in text for text in logged), "both error logs quote the error"
+    assert _leaks(caplog.text) == []
+
+
+def test_a_span_status_carries_only_redacted_text(secret_lm, stub):
+    pytest.importorskip("opentelemetry.sdk", reason="needs the otel extra")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from dspy_anyscale import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.instrument(provider, record_content=True)
+    try:
+        stub.script(ECHOING_FAULTS["400 error"], ECHOING_FAULTS["500 text"])
+        for _ in range(2):
+            with pytest.raises(LMError):
+                secret_lm("traced")
+    finally:
+        tracing.uninstrument()
+    spans = exporter.get_finished_spans()
+    descriptions = [span.status.description or "" for span in spans]
+    assert sum("***" in text for text in descriptions) >= 2, "the error text was recorded (record_content=True)"
+    assert _leaks("\n".join(span.to_json() for span in spans)) == []
+
+
+def test_secrets_never_show_themselves():
+    from dspy_anyscale._secrets import Secrets
+
+    secrets = Secrets.sent_with(SECRET, {**HEADER_SECRETS, "x-portkey-config": CONFIG})
+    assert _leaks(repr(secrets) + str(secrets)) == []
+    with pytest.raises(TypeError, match="never pickled"):
+        pickle.dumps(secrets)
+
+
+@pytest.mark.parametrize(
+    ("headers", "text", "expected"),
+    [
+        ({"X-Auth-Token": "tok-123456789"}, "token tok-123456789 refused", "token *** refused"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "got dXNlcjpwYXNz", "got ***"),
+        ({"X-Key": "ab"}, "HTTP 400: key ab is bad; abc stays", "HTTP 400: key *** is bad; abc stays"),
+        ({"x-portkey-config": '{"targets": [{"api_key": "sk-in-config-1"}]}'}, "sk-in-config-1", "***"),
+        ({"x-portkey-config": '{"retry": {"attempts": 3}}'}, "attempts 3", "attempts 3"),
+        ({"X-Team": "search-team-01"}, "team search-team-01", "team search-team-01"),
+        ({"X-Auth-Token": 'a"quoted\\token'}, '{"h": "a\\"quoted\\\\token"}', '{"h": "***"}'),
+    ],
+    ids=[
+        "by name",
+        "after the scheme",
+        "short, whole token only",
+        "JSON field",
+        "JSON without secrets",
+        "not secret",
+        "as JSON spells it",
+    ],
+)
+def test_which_header_values_are_redacted(headers, text, expected):
+    from dspy_anyscale._secrets import Secrets, redact
+
+    assert redact(text, Secrets.sent_with(None, headers)) == expected

@@ -70,3 +70,40 @@ def test_async_decoder():
         return [e.data async for e in aiter_sse(source())]
 
     assert asyncio.run(collect()) == ["1", "2"]
+
+
+def _decode_seconds(data: bytes, chunk_size: int) -> float:
+    import time
+
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    decoder = SSEDecoder()
+    started = time.perf_counter()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    elapsed = time.perf_counter() - started
+    assert len(events) == 1 and len(events[0].data) == len(data) - len(b"data: \n\n")
+    return elapsed
+
+
+def test_decoding_one_large_event_is_linear_in_its_size():
+    # One event 8x larger, fed in the transport's 64 KiB reads, must take about 8x as long, not 64x
+    # (a decoder that re-joins and re-scans its buffer per chunk is quadratic: 20 MB took 5 s).
+    # Compared within this test, best of a few rounds each, so a noisy machine cannot decide it.
+    small, large = (b"data: " + b"x" * size + b"\n\n" for size in (1 << 20, 8 << 20))
+    best_small = best_large = float("inf")
+    for _ in range(3):
+        best_small = min(best_small, _decode_seconds(small, 65536))
+        best_large = min(best_large, _decode_seconds(large, 65536))
+        if best_large < 20 * best_small:
+            return
+    pytest.fail(f"8x the bytes took {best_large / best_small:.0f}x the time: decoding is not linear")
+
+
+def test_a_long_line_cut_anywhere_keeps_its_pieces_in_order():
+    line = "".join(chr(0x41 + i % 26) for i in range(5000)) + "é🚀"
+    data = f"data: {line}\r\ndata: tail\r\n\r\n".encode()
+    for size in (1, 3, 7, 64, 4096):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        assert decode(*chunks) == [ServerSentEvent(f"{line}\ntail")]
+    decoder = SSEDecoder()
+    decoder.feed(data[:100])
+    assert decoder.pending == "data: " + line[:94]

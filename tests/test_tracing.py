@@ -603,6 +603,33 @@ def test_our_call_span_nests_under_openinferences_lm_span(otel, make_traced):
     assert any(s.name.startswith("Predict") for s in chain[1:]), [s.name for s in chain]
 
 
+@pytest.mark.parametrize("entry", ["program", "direct", "async"])
+def test_a_cache_hit_nests_under_openinferences_lm_span_like_a_miss(otel, make_traced, entry):
+    instrumentation = pytest.importorskip("openinference.instrumentation.dspy")
+    instrumentor = instrumentation.DSPyInstrumentor()
+    instrumentor.instrument(tracer_provider=otel.tracer_provider)
+    lm = make_traced()
+    try:
+        for _ in range(2):  # a miss, then the same call answered from DSPy's cache
+            if entry == "program":
+                with dspy.context(lm=lm):
+                    dspy.Predict("question -> answer")(question="What is the capital of France?")
+            elif entry == "direct":
+                lm("What is the capital of France?")
+            else:
+                asyncio.run(lm.acall("What is the capital of France?"))
+    finally:
+        instrumentor.uninstrument()
+    spans = {s.context.span_id: s for s in otel.spans()}
+    miss, hit = sorted(otel.calls(), key=lambda s: s.start_time)
+    assert hit.attributes["dspy_anyscale.cache_hit"] is True
+    for call in (miss, hit):
+        lm_span = spans[parent_of(call)]
+        assert lm_span.name in ("Anyscale.__call__", "Anyscale.acall"), lm_span.name
+        assert lm_span.start_time <= call.start_time <= call.end_time <= lm_span.end_time
+    assert spans[parent_of(miss)].context.span_id != spans[parent_of(hit)].context.span_id, "each under its own"
+
+
 @pytest.mark.ray
 def test_a_ray_task_joins_the_drivers_trace(otel, stub):
     ray = pytest.importorskip("ray")

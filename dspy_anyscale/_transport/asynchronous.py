@@ -22,6 +22,7 @@ from . import fork
 from .common import (
     JsonReply,
     Secret,
+    Secrets,
     StreamReply,
     Translator,
     build_headers,
@@ -91,7 +92,9 @@ class AsyncTransport:
         self.timeout = timeout
         self.pool_size = pool_size
         self._secret = Secret(endpoint.api_key or "")
-        self._translator = Translator(timeout, self._secret)
+        # Every secret value sent (the key, secret header values): redacted from every error's text.
+        self._secrets = Secrets.sent_with(self._secret, headers)
+        self._translator = Translator(timeout, self._secrets)
         self._factory = _SessionFactory(endpoint, timeout, build_headers(self._secret, headers), pool_size)
         self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(self._factory, _close_session, _abandon_session)
         # A transport nobody closes: running loops close its sessions when they end, stopped ones let go.

@@ -13,7 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -22,7 +22,8 @@ from dspy import lm15
 from .. import _constants as C
 from .._config import Timeout
 from .._http_errors import error_for_status, unexpected_body
-from .._secrets import Secret, is_secret_header, redact  # a Secret's repr and str say ***
+from .._secrets import Secret, Secrets, is_secret_header, redact  # a Secret's repr and str say ***
+from .wording import explain
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -58,7 +59,7 @@ class StreamReply:
 class JsonReply:
     """A parsed 2xx JSON answer and what observability needs from the exchange."""
 
-    data: dict[str, Any]
+    data: dict[str, Any] = field(repr=False)  # a body may echo the request's headers: not in captured locals
     status: int
     request_id: str | None
     elapsed: float
@@ -86,10 +87,10 @@ def parse_json_body(
     headers: Mapping[str, str],
     *,
     url: str,
-    secret: Secret | str | None,
+    secret: Secrets | Secret | str | None,
     method: str,
 ) -> dict[str, Any]:
-    """The JSON object of a 2xx answer, or the lm15 error for anything else."""
+    """The JSON object of a 2xx answer, or the lm15 error for anything else (``secret``: what to redact)."""
     data: Any = None
     if 200 <= status <= 299:
         why = "Expected a JSON body"
@@ -101,9 +102,9 @@ def parse_json_body(
             if isinstance(data, dict):
                 return data
             why = "Expected a JSON object"
-        error: Exception = unexpected_body(url, status, body, why, reveal(secret), method)
+        error: Exception = unexpected_body(url, status, body, why, secret, method)
     else:
-        error = error_for_status(status, body, headers, url=url, secret=reveal(secret), method=method)
+        error = error_for_status(status, body, headers, url=url, secret=secret, method=method)
     # A server may quote the key back; error reporters record frame locals, so the raw answer goes.
     del body, data
     raise error
@@ -138,19 +139,19 @@ class Failure(enum.Enum):
 class Translator:
     """The one place an HTTP failure of either stack becomes a ``dspy.lm15`` error.
 
-    Holds what every message needs (the limits, the key to redact) so the stacks pass only
-    the failure, the request line and the exception.
+    Holds what every message needs (the limits, every secret value sent, to redact) so the stacks
+    pass only the failure, the request line and the exception.
     """
 
     __slots__ = ("_secret", "_timeout")
 
-    def __init__(self, timeout: Timeout, secret: Secret) -> None:
+    def __init__(self, timeout: Timeout, secret: Secrets) -> None:
         self._timeout = timeout
         self._secret = secret
 
     def failure(self, kind: Failure, method: str, url: str, exc: BaseException) -> lm15.LM15Error:
         where = f"{method} {url}"
-        detail = redact(describe(exc), reveal(self._secret))
+        detail = redact(describe(exc, url), self._secret)
         scrub_frames(exc)
         if kind is Failure.CONNECT_TIMEOUT or kind is Failure.READ_TIMEOUT:
             limit = self._timeout.connect if kind is Failure.CONNECT_TIMEOUT else self._timeout.read
@@ -162,21 +163,25 @@ class Translator:
         return lm15.TransportError(f"{where} failed: {detail}", provider=C.PROVIDER)
 
     def json(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> dict[str, Any]:
-        return parse_json_body(status, body, headers, url=url, secret=self._secret, method=method)
+        try:
+            return parse_json_body(status, body, headers, url=url, secret=self._secret, method=method)
+        except Exception:
+            del body  # error reporters record frame locals: the raw answer may quote a secret
+            raise
 
     def status(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> lm15.LM15Error:
         """The error for a non-2xx answer (``headers`` case-insensitive)."""
-        return error_for_status(status, body, headers, url=url, secret=reveal(self._secret), method=method)
+        return error_for_status(status, body, headers, url=url, secret=self._secret, method=method)
 
     def not_a_stream(self, status: int, body: bytes, method: str, url: str) -> Exception:
         """A streamed request answered with one JSON document (a server that ignored ``stream``)."""
-        return unexpected_body(url, status, body, "Expected an event stream", reveal(self._secret), method)
+        return unexpected_body(url, status, body, "Expected an event stream", self._secret, method)
 
 
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of an HTTP library error, falling back to its cause (resets often carry no text)."""
-    text = str(exc) or str(exc.__cause__ or exc.__context__ or "")
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def describe(exc: BaseException, url: str) -> str:
+    """What an HTTP library's error means, in the user's words (``could not connect to host:port:
+    connection refused``), never its class names (see :mod:`.wording`)."""
+    return explain(exc, url)
 
 
 def scrub_frames(exc: BaseException) -> None:

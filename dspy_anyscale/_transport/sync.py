@@ -29,6 +29,7 @@ from .common import (
     Failure,
     JsonReply,
     Secret,
+    Secrets,
     StreamReply,
     Translator,
     build_headers,
@@ -221,7 +222,9 @@ class SyncTransport:
         self.timeout = timeout
         self.pool_size = pool_size
         self._secret = Secret(endpoint.api_key or "")
-        self._translator = Translator(timeout, self._secret)
+        # Every secret value sent (the key, secret header values): redacted from every error's text.
+        self._secrets = Secrets.sent_with(self._secret, headers)
+        self._translator = Translator(timeout, self._secrets)
         self._headers = build_headers(self._secret, headers)
         environment = read_environment(endpoint.base_url)
         self._proxies = environment.proxies

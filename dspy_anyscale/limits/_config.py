@@ -17,9 +17,9 @@ class Limits:
     max_concurrency: requests in flight at once (threads, asyncio tasks, streams and DSPy's ``n``
         candidates together); callers beyond it queue in arrival order.
     requests_per_minute / tokens_per_minute: client-side token buckets holding one second's worth.
-    budget_usd: a hard cap on spend, from each request's worst case (prompt estimate x input price
-        + max_tokens x output price, USD per million tokens).
-    max_requests: the same cap counted in requests.
+    budget_usd: a hard cap on spend, from each request's worst case (the most prompt tokens it can
+        have x input price + max_tokens x output price, USD per million tokens).
+    max_requests: the same cap counted in requests sent, whatever their answer.
     """
 
     max_concurrency: int | None = None

@@ -1,5 +1,12 @@
-"""What a request may cost before it is sent: a prompt-token estimate without a tokenizer, and
-the worst case in tokens and in (integer pico-) USD."""
+"""What a request may cost before it is sent, without a tokenizer: a prompt-token *estimate*
+(close, errs high on natural text: what rate buckets reserve), a true *upper bound* (what budgets
+reserve), and the worst case in tokens and in (integer pico-) USD.
+
+The bound holds whatever the server's tokenizer: a byte-level BPE spends at most one token per
+UTF-8 byte (SentencePiece with byte fallback at most one more per text, for its leading space),
+so a prompt has at most as many tokens as its text has bytes, plus what the chat template adds
+(``BOUND_TOKENS_PER_MESSAGE`` / ``BOUND_TOKENS_PER_REQUEST``). Dense text (base64, random
+identifiers, code) runs at 0.5-0.7 of the estimate's count on real tokenizers, never above the bound."""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ from functools import lru_cache
 from typing import Any
 
 from .._constants import (
+    BOUND_TOKENS_PER_MESSAGE,
+    BOUND_TOKENS_PER_REQUEST,
     ESTIMATE_LETTERS_PER_TOKEN,
     ESTIMATE_TOKENS_PER_MESSAGE,
     ESTIMATE_TOKENS_PER_REQUEST,
@@ -91,6 +100,53 @@ def _json(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
 
 
+# --- a true upper bound -----------------------------------------------------------------------------
+
+
+def prompt_token_bound(
+    *,
+    messages: Iterable[Mapping[str, Any]] | None = None,
+    prompt: str | Iterable[str] | None = None,
+    tools: Any = None,
+) -> int:
+    """The most prompt tokens a chat (``messages``) or completions (``prompt``) request can have.
+
+    UTF-8 bytes of every text (a token is at least one byte), of the role names, and of the JSON
+    of anything else (tool calls, non-text content parts; ``tools`` as JSON indented by 4, as chat
+    templates print them), plus the template allowance per message and per request. What it does
+    not bound: an image part (a vision model counts the image, not its URL) and a template that
+    adds more than the allowance; an answer over its reservation is counted in ``overruns``.
+    """
+    total = BOUND_TOKENS_PER_REQUEST
+    for message in messages or ():
+        total += BOUND_TOKENS_PER_MESSAGE + sum(_utf8(_bound_text(key, value)) for key, value in message.items())
+    if prompt is not None:
+        total += sum(_utf8(text) for text in ([prompt] if isinstance(prompt, str) else prompt))
+    if tools:
+        total += _utf8(
+            tools if isinstance(tools, str) else json.dumps(tools, default=str, ensure_ascii=False, indent=4)
+        )
+    return total
+
+
+def _bound_text(key: str, value: Any) -> str:
+    if key == "content" and isinstance(value, list):
+        return "".join(_part_text(part) for part in value)
+    if key == "content" and value is None:
+        return ""
+    return _json(value)
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return str(part["text"])
+    return _json(part)
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate still counts, as its 3 bytes
+
+
 # --- the worst case of one request ---------------------------------------------------------------
 
 
@@ -98,19 +154,22 @@ def _json(value: Any) -> str:
 class Estimate:
     """What the engine knows of a request before sending it.
 
-    prompt_tokens: an estimate (``estimate_prompt_tokens``); max_tokens: the completion cap the
-    request carries (None: no cap, which a budget or a token rate cannot admit); prices: USD per
-    million tokens (None: unknown, which a budget cannot admit).
+    prompt_tokens: an estimate (``estimate_prompt_tokens``), what token buckets reserve; max_tokens:
+    the completion cap the request carries (None: no cap, which a budget or a token rate cannot
+    admit); prices: USD per million tokens (None: unknown, which a budget cannot admit);
+    prompt_bound: the most prompt tokens the request can have (``prompt_token_bound``), what a
+    budget reserves (None: ``prompt_tokens`` is taken as the bound).
     """
 
     prompt_tokens: int
     max_tokens: int | None = None
     prices: Prices | None = None
+    prompt_bound: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "max_tokens"):
+        for name in ("prompt_tokens", "max_tokens", "prompt_bound"):
             value = getattr(self, name)
-            if value is None and name == "max_tokens":
+            if value is None and name != "prompt_tokens":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Estimate.{name} must be a non-negative integer, got {value!r}")
@@ -118,11 +177,14 @@ class Estimate:
     @classmethod
     def for_payload(cls, payload: Mapping[str, Any], prices: Prices | None = None) -> Estimate:
         """From a chat or completions request body (``messages`` / ``prompt``, ``tools``, ``max_tokens``)."""
-        prompt_tokens = estimate_prompt_tokens(
-            messages=payload.get("messages"), prompt=payload.get("prompt"), tools=payload.get("tools")
-        )
+        parts = {"messages": payload.get("messages"), "prompt": payload.get("prompt"), "tools": payload.get("tools")}
         max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens"))
-        return cls(prompt_tokens, max_tokens, prices)
+        return cls(estimate_prompt_tokens(**parts), max_tokens, prices, prompt_token_bound(**parts))
+
+    @property
+    def prompt_ceiling(self) -> int:
+        """The prompt tokens a budget reserves: the bound, never below the estimate."""
+        return self.prompt_tokens if self.prompt_bound is None else max(self.prompt_bound, self.prompt_tokens)
 
     @property
     def worst_tokens(self) -> int | None:
@@ -130,10 +192,11 @@ class Estimate:
         return None if self.max_tokens is None else self.prompt_tokens + self.max_tokens
 
     def worst_cost_pico(self) -> int | None:
-        """The worst-case cost in pico-USD, or None when prices or max_tokens are unknown."""
+        """The worst-case cost in pico-USD (the prompt's bound, and max_tokens), or None when prices
+        or max_tokens are unknown."""
         if self.prices is None or self.max_tokens is None:
             return None
-        return cost_pico(self.prices, self.prompt_tokens, self.max_tokens)
+        return cost_pico(self.prices, self.prompt_ceiling, self.max_tokens)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,13 @@ A backend (``_backends.py``, ``_ray.py``) gives it a home and a lock.
 
 Requests are known by *tickets* the client makes up (unique per limiter and process), so a
 client that gives up half-way can always tell the ledger to forget what it may have granted.
+
+A call that fans out into n requests (``n`` candidates) reserves them together, as a *block*:
+the first of them asks for all n at once (all or nothing), and each one draws its reservation
+from the block; what was not drawn when the call ends goes back (``close_block``).
+
+Every request that was sent counts against ``max_requests``, whatever its answer (an HTTP error
+is a request the server received); only money the server cannot have charged is given back.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from ._estimate import cost_pico, pico_to_usd, usd_to_pico
 from ._report import SpendReport
 
 Ticket = Hashable
+# A call of ``count`` requests reserved together: (the block's ticket, count).
+Block = tuple[Ticket, int]
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,13 @@ class Refusal:
     limit: str  # "budget_usd" or "max_requests"
     spent: int
     reserved: int
-    request: int
+    request: int  # the worst case of everything asked for: ``count`` requests
     budget: int | None
     requests: int
     reserved_requests: int
     max_requests: int | None
+    count: int = 1  # requests asked for at once (a call's n candidates)
+    failed: int = 0  # of ``requests``, those that failed
 
 
 @dataclass(frozen=True)
@@ -72,30 +83,42 @@ class LedgerState:
         self._request_bucket = TokenBucket(*limits.request_bucket) if limits.request_bucket else None
         self._token_bucket = TokenBucket(*limits.token_bucket) if limits.token_bucket else None
         self._held: dict[Ticket, Ask] = {}
+        self._blocks: dict[Ticket, _Block] = {}
         self._cooldown_until = -math.inf
         self.counts = _Counts()
 
     # --- admission --------------------------------------------------------------------------------
 
-    def reserve(self, ticket: Ticket, ask: Ask, now: float) -> Decision:
+    def reserve(self, ticket: Ticket, ask: Ask, now: float, block: Block | None = None) -> Decision:
+        """Grant ``ticket``, ask again after ``wait_s``, or refuse. With ``block``, the request is one
+        of a call's ``count``: the first of them reserves all of them, or is refused for all."""
         if ticket in self._held:
             return GRANTED  # a repeated ask (a client retrying after a lost reply) is the same grant
-        refusal = self._refusal(ask)
-        if refusal is not None:
-            self.counts.refused += 1
-            return Decision(refusal=refusal)
+        if block is not None and block[0] not in self._blocks:
+            refusal = self._open_block(block, ask)
+            if refusal is not None:
+                return Decision(refusal=refusal)
+        unit = self._unit(block, ask)
+        if unit is None:
+            refusal = self._refusal(ask)
+            if refusal is not None:
+                self.counts.refused += 1
+                return Decision(refusal=refusal)
         wait = self._wait(ask, now)
         if wait > 0.0:
             return Decision(wait_s=wait)
+        if unit is not None:
+            ask = self._draw(block, ask)
         self._grant(ticket, ask)
         return GRANTED
 
-    def _refusal(self, ask: Ask) -> Refusal | None:
+    def _refusal(self, ask: Ask, count: int = 1) -> Refusal | None:
         counts = self.counts
-        cost = ask.cost or 0
+        cost = (ask.cost or 0) * count
         over_budget = self._budget is not None and counts.spent + counts.reserved + cost > self._budget
         max_requests = self.limits.max_requests
-        over_requests = max_requests is not None and counts.requests + len(self._held) + 1 > max_requests
+        reserved_requests = self._reserved_requests()
+        over_requests = max_requests is not None and counts.requests + reserved_requests + count > max_requests
         if not (over_budget or over_requests):
             return None
         return Refusal(
@@ -105,9 +128,48 @@ class LedgerState:
             request=cost,
             budget=self._budget,
             requests=counts.requests,
-            reserved_requests=len(self._held),
+            reserved_requests=reserved_requests,
             max_requests=max_requests,
+            count=count,
+            failed=counts.failed,
         )
+
+    def _reserved_requests(self) -> int:
+        """Requests in flight, plus those a call has reserved and not yet sent."""
+        return len(self._held) + sum(block.units for block in self._blocks.values())
+
+    # --- a call's n requests, reserved together ---------------------------------------------------
+
+    def _open_block(self, block: Block, ask: Ask) -> Refusal | None:
+        ticket, count = block
+        refusal = self._refusal(ask, count)
+        if refusal is not None:
+            self.counts.refused += 1
+            return refusal
+        self._blocks[ticket] = _Block(ask, count)
+        self.counts.reserved += (ask.cost or 0) * count
+        return None
+
+    def _unit(self, block: Block | None, ask: Ask) -> Ask | None:
+        """The block's reservation this request can draw on, if any is left and covers its worst case."""
+        found = None if block is None else self._blocks.get(block[0])
+        if found is None or found.units <= 0 or (ask.cost or 0) > (found.ask.cost or 0):
+            return None
+        return found.ask
+
+    def _draw(self, block: Block | None, ask: Ask) -> Ask:
+        """Move one request's reservation out of the block; the request holds the block's worst case."""
+        assert block is not None
+        found = self._blocks[block[0]]
+        found.units -= 1
+        self.counts.reserved -= found.ask.cost or 0
+        return Ask(cost=found.ask.cost, tokens=ask.tokens, prices=ask.prices)
+
+    def close_block(self, ticket: Ticket) -> None:
+        """The call is over: what it reserved and did not send (cache hits, a failure) goes back."""
+        found = self._blocks.pop(ticket, None)
+        if found is not None:
+            self.counts.reserved -= (found.ask.cost or 0) * found.units
 
     def _wait(self, ask: Ask, now: float) -> float:
         wait = max(0.0, self._cooldown_until - now)
@@ -143,24 +205,25 @@ class LedgerState:
         counts.prompt_tokens += prompt_tokens
         counts.completion_tokens += completion_tokens
         self._correct_tokens(ask.tokens, prompt_tokens + completion_tokens)
-        if ask.cost is None or ask.prices is None:
+        if ask.prices is None:
             counts.unpriced += 1
             return
-        actual = cost_pico(ask.prices, prompt_tokens, completion_tokens)
+        actual = cost_pico(ask.prices, prompt_tokens, completion_tokens)  # priced with or without a budget
         counts.spent += actual
-        counts.overruns += actual > ask.cost
+        counts.overruns += ask.cost is not None and actual > ask.cost
 
     def release(self, ticket: Ticket, *, billed: bool) -> None:
-        """The request failed. ``billed``: the server may have done (and charged) the work, so the
-        worst case is kept as spent; otherwise the reservation and its tokens are given back."""
+        """The request failed. It was sent, so it counts against ``max_requests`` whatever the answer.
+        ``billed``: the server may have done (and charged) the work, so the worst case is kept as
+        spent; otherwise the money and the tokens are given back."""
         ask = self._held.pop(ticket, None)
         if ask is None:
             return
         counts = self.counts
         counts.reserved -= ask.cost or 0
         counts.failed += 1
+        counts.requests += 1
         if billed:
-            counts.requests += 1
             self._book_worst_case(ask)
         elif self._token_bucket is not None:
             self._token_bucket.give_back(ask.tokens)
@@ -205,7 +268,7 @@ class LedgerState:
         remaining = None if self._budget is None else max(0, self._budget - counts.spent - counts.reserved)
         remaining_requests = None
         if limits.max_requests is not None:
-            remaining_requests = max(0, limits.max_requests - counts.requests - len(self._held))
+            remaining_requests = max(0, limits.max_requests - counts.requests - self._reserved_requests())
         return SpendReport(
             spent_usd=None if counts.unpriced else pico_to_usd(counts.spent),
             reserved_usd=pico_to_usd(counts.reserved),
@@ -228,9 +291,10 @@ class LedgerState:
     def export(self, now: float) -> dict[str, Any]:
         """The counts and the cool-down left, to seed a ledger elsewhere. Only when nothing is in flight:
         a reservation cannot move (its client would settle it here)."""
-        if self._held:
+        if self._held or self._blocks:
             raise ConfigurationError(
-                f"cannot move the ledger while {len(self._held)} requests are in flight; move it before the job starts"
+                f"cannot move the ledger while {self._reserved_requests()} requests are in flight or reserved; "
+                "move it before the job starts"
             )
         return {"counts": vars(self.counts).copy(), "cooldown_s": max(0.0, self._cooldown_until - now)}
 
@@ -238,6 +302,16 @@ class LedgerState:
         for name, value in state["counts"].items():
             setattr(self.counts, name, value)
         self._cooldown_until = now + state["cooldown_s"]
+
+
+class _Block:
+    """What a call of several requests reserved: ``units`` requests of worst case ``ask`` not yet sent."""
+
+    __slots__ = ("ask", "units")
+
+    def __init__(self, ask: Ask, units: int) -> None:
+        self.ask = ask
+        self.units = units
 
 
 class _Counts:

@@ -9,23 +9,36 @@
 A limiter is shared by reference: ``copy.copy`` and ``copy.deepcopy`` return the same object, so
 ``lm.copy()``, ``copy.deepcopy(program)`` and ``dspy.Parallel`` all count against one ledger. A
 pickled limiter carries its ledger's *handle* where one exists (a Ray ledger) and otherwise
-arrives detached: it refuses to send until attached, never with a fresh budget of its own.
+arrives detached: it refuses to send until attached, never with a fresh budget of its own. In a
+child made by ``fork`` the limiter starts with an empty gate (the parent's requests in flight
+stay the parent's) and, like a pickled copy, without the parent's local ledger (see
+``_backends.for_forked_child``).
+
+A call that fans out into n requests wraps them in ``with limiter.candidates(n):``; its first
+request then reserves all n at once, or none (nothing is sent and paid for only to be dropped).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
 import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
+from .._constants import LOGGER_NAME
 from ..errors import BudgetExceededError, ConfigurationError, LimiterTimeoutError
-from ._backends import LedgerBackend, LocalLedger
+from ._backends import LedgerBackend, LocalLedger, for_forked_child
 from ._clock import SYSTEM_CLOCK, Clock
 from ._config import Limits
 from ._estimate import Estimate, pico_to_usd
 from ._gate import Gate, Waiter
-from ._ledger import Ask, Refusal, Ticket
+from ._ledger import Ask, Block, Refusal, Ticket
 from ._permit import Permit
 from ._report import SpendReport
 from ._unlimited import UNLIMITED, UnlimitedLimiter
@@ -45,6 +58,7 @@ class Limiter:
         self._gate = Gate(limits.max_concurrency)
         self._client = uuid.uuid4().hex  # tickets stay unique when processes share one ledger
         self._tickets = itertools.count()
+        _live.add(self)  # reset in a child made by fork
 
     @staticmethod
     def disabled() -> UnlimitedLimiter:
@@ -96,12 +110,12 @@ class Limiter:
             raise _timeout_error(timeout)
         ticket = self._ticket()
         try:
-            self._admit(ticket, ask, deadline, timeout)
+            self._admit(ticket, ask, self._block(), deadline, timeout)
         except BaseException:
             self._give_up(ticket, waiter)
             raise
         self._gate.admitted(waiter)
-        return Permit(self, ticket)
+        return Permit(self, ticket, waiter)
 
     async def aacquire(self, estimate: Estimate | None = None) -> Permit:
         """``acquire`` for a coroutine: waits on the event loop, never blocks it. Cancelling the
@@ -112,9 +126,10 @@ class Limiter:
     async def _aacquire(self, ask: Ask) -> Permit:
         waiter = await self._gate.aenter()
         ticket = self._ticket()
+        block = self._block()
         try:
             while True:
-                decision = await self._backend.areserve(ticket, ask)
+                decision = await self._backend.areserve(ticket, ask, block)
                 if decision.refusal is not None:
                     raise budget_error(decision.refusal)
                 if decision.granted:
@@ -124,11 +139,13 @@ class Limiter:
             self._give_up(ticket, waiter)
             raise
         self._gate.admitted(waiter)
-        return Permit(self, ticket)
+        return Permit(self, ticket, waiter)
 
-    def _admit(self, ticket: Ticket, ask: Ask, deadline: float | None, timeout: float | None) -> None:
+    def _admit(
+        self, ticket: Ticket, ask: Ask, block: Block | None, deadline: float | None, timeout: float | None
+    ) -> None:
         while True:
-            decision = self._backend.reserve(ticket, ask)
+            decision = self._backend.reserve(ticket, ask, block)
             if decision.refusal is not None:
                 raise budget_error(decision.refusal)
             if decision.granted:
@@ -168,19 +185,61 @@ class Limiter:
     def _ticket(self) -> Ticket:
         return (self._client, next(self._tickets))
 
+    # --- a call of n requests ---------------------------------------------------------------------------
+
+    @contextmanager
+    def candidates(self, n: int) -> Iterator[None]:
+        """The requests made inside are one call's ``n`` (DSPy's ``n`` candidates): the first of them
+        reserves all ``n`` against the caps, or is refused with ``BudgetExceededError`` naming ``n``,
+        before anything is sent. What the call did not send (cache hits) goes back when it ends.
+        Requests beyond ``n`` (DSPy's retries) must fit on their own. Tasks started inside share it."""
+        if n <= 1:
+            yield
+            return
+        call = _Call(self, (self._client, "call", next(self._tickets)), n)
+        token = _CALL.set(call)
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+            if call.asked:
+                self._backend.close_block(call.block[0])
+
+    def _block(self) -> Block | None:
+        """The block of the call being made in this context, if it is one of this limiter's."""
+        call = _CALL.get()
+        if call is None or call.limiter is not self:
+            return None
+        call.asked = True
+        return call.block
+
     # --- outcomes (through Permit) --------------------------------------------------------------------
 
-    def _settle(self, ticket: Ticket, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    def _settle(self, ticket: Ticket, slot: Waiter, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         try:
             self._backend.settle(ticket, prompt_tokens, completion_tokens)
         finally:
-            self._gate.release()  # the slot is freed even if the ledger is unreachable
+            self._gate.release(slot)  # the slot is freed even if the ledger is unreachable
 
-    def _release(self, ticket: Ticket, billed: bool) -> None:
+    def _release(self, ticket: Ticket, slot: Waiter, *, billed: bool, sent: bool = True) -> None:
         try:
-            self._backend.release(ticket, billed=billed)
+            if sent:
+                self._backend.release(ticket, billed=billed)
+            else:  # it never left: not a request, nothing spent, tokens and rate given back
+                self._backend.forget(ticket)
         finally:
-            self._gate.release()
+            self._gate.release(slot)
+
+    # --- fork ---------------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self, parent_pid: int) -> None:
+        """In a child just forked: an empty gate (the parent's holders and waiters, and the lock some
+        thread of the parent may have held, stay the parent's), tickets of its own, and no copy of
+        the parent's local ledger."""
+        self._gate = Gate(self.limits.max_concurrency)
+        self._client = uuid.uuid4().hex
+        self._tickets = itertools.count()
+        self._backend = for_forked_child(self._backend, self.limits, self._clock, parent_pid)
 
     # --- everything else ------------------------------------------------------------------------------
 
@@ -203,11 +262,27 @@ class Limiter:
 
     def share_on_ray(self, *, name: str | None = None) -> LedgerBackend:
         """Move the ledger into a Ray actor (Ray initialised) so every process the LM is pickled to
-        shares it; what was counted so far moves with it. Idempotent. Returns the Ray ledger."""
+        shares it; what was counted so far moves with it. Idempotent. Returns the Ray ledger.
+        ``bring_home()`` moves it back; without that, the ledger ends with the Ray session."""
         from ._ray import RayLedger
 
         if not isinstance(self._backend, RayLedger):
             self.attach(RayLedger.start(self.limits, seed=self._backend.export(), name=name))
+        return self._backend
+
+    def bring_home(self) -> LedgerBackend:
+        """Move a ledger shared on Ray back into this process, with what it counted, and stop its
+        actor: the job is over, and this LM goes on (after ``ray.shutdown()`` too) on its own ledger.
+        Idempotent; only while idle, and while Ray still runs. Returns the local ledger.
+
+        Processes still holding the Ray ledger (a lazy dataset run later) can no longer reserve:
+        their requests are refused with a ``ConfigurationError``, never counted twice."""
+        from ._ray import RayLedger
+
+        backend = self._backend
+        if isinstance(backend, RayLedger):
+            self.attach(LocalLedger(self.limits, self._clock, seed=backend.export()))
+            backend.stop()  # after the move: a failed move leaves the ledger where it was
         return self._backend
 
     # Shared by reference: copies of an LM count against one ledger.
@@ -225,21 +300,60 @@ def _restore(limits: Limits, backend: LedgerBackend) -> Limiter:
     return Limiter(limits, backend=backend)
 
 
+class _Call:
+    """One call of ``n`` requests in progress (see ``Limiter.candidates``)."""
+
+    __slots__ = ("asked", "block", "limiter")
+
+    def __init__(self, limiter: Limiter, ticket: Ticket, n: int) -> None:
+        self.limiter = limiter
+        self.block: Block = (ticket, n)
+        self.asked = False  # a request asked the ledger: the block may exist and must be closed
+
+
+# The call being made in this context: threads start without one; tasks inherit their creator's.
+_CALL: ContextVar[_Call | None] = ContextVar("dspy_anyscale_limiter_call", default=None)
+
+
+# --- fork --------------------------------------------------------------------------------------------
+
+_logger = logging.getLogger(LOGGER_NAME)
+_live: weakref.WeakSet[Limiter] = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    parent = os.getppid()
+    for limiter in list(_live):
+        try:
+            limiter._after_fork_in_child(parent)
+        except Exception:  # a hook must not break the fork itself
+            _logger.debug("resetting %r after fork failed", limiter, exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_reset_in_child)
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 
 def budget_error(refusal: Refusal) -> BudgetExceededError:
     spent, reserved, request = (pico_to_usd(v) for v in (refusal.spent, refusal.reserved, refusal.request))
     budget = None if refusal.budget is None else pico_to_usd(refusal.budget)
+    asked = "this request" if refusal.count == 1 else f"this call's {refusal.count} requests (n={refusal.count})"
+    not_sent = "the request was not sent" if refusal.count == 1 else "none of them was sent"
     if refusal.limit == "budget_usd":
         message = (
-            f"budget_usd exceeded: this request could cost up to ${request:.6f}, and ${spent:.6f} is spent "
-            f"+ ${reserved:.6f} reserved by requests in flight, of a ${budget:g} budget; the request was not sent"
+            f"budget_usd exceeded: {asked} could cost up to ${request:.6f}, and ${spent:.6f} is spent "
+            f"+ ${reserved:.6f} reserved by requests in flight, of a ${budget:g} budget; {not_sent}"
         )
     else:
+        failed = f" ({refusal.failed} of them failed)" if refusal.failed else ""
+        needs = "" if refusal.count == 1 else f"{asked} do not fit: "
         message = (
-            f"max_requests reached: {refusal.requests} requests made + {refusal.reserved_requests} in flight "
-            f"of max_requests={refusal.max_requests}; the request was not sent"
+            f"max_requests reached: {needs}{refusal.requests} requests made{failed} + {refusal.reserved_requests} "
+            f"in flight of max_requests={refusal.max_requests} (every request sent counts, whatever its answer); "
+            f"{not_sent}"
         )
     return BudgetExceededError(
         message,

@@ -9,6 +9,7 @@ from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
 
 if TYPE_CHECKING:
+    from ._gate import Waiter
     from ._ledger import Ticket
     from ._limiter import Limiter
 
@@ -26,13 +27,17 @@ def may_have_been_billed(error: BaseException | None) -> bool:
 
 class Permit:
     """One admitted request. Exactly one of :meth:`settle` / :meth:`release_failed` takes effect
-    (later calls are ignored); leaving a ``with`` block without either frees it too."""
+    (later calls are ignored); leaving a ``with`` block without either frees it too.
 
-    __slots__ = ("_answer_started", "_limiter", "_open", "_ticket")
+    Once admitted, a request counts against ``max_requests`` whatever becomes of it (an answer, an
+    HTTP error, a timeout, a reset), unless ``release_failed(..., sent=False)`` says it never left."""
 
-    def __init__(self, limiter: Limiter, ticket: Ticket) -> None:
+    __slots__ = ("_answer_started", "_limiter", "_open", "_slot", "_ticket")
+
+    def __init__(self, limiter: Limiter, ticket: Ticket, slot: Waiter) -> None:
         self._limiter = limiter
         self._ticket = ticket
+        self._slot = slot  # its place in the gate: freed with the permit
         self._open = True
         self._answer_started = False
 
@@ -46,11 +51,15 @@ class Permit:
     def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         """The answer came, with the server's counts (None: not reported, booked at the worst case)."""
         if self._close():
-            self._limiter._settle(self._ticket, _count(prompt_tokens), _count(completion_tokens))
+            self._limiter._settle(self._ticket, self._slot, _count(prompt_tokens), _count(completion_tokens))
 
-    def release_failed(self, error: BaseException | None = None, *, billed: bool | None = None) -> None:
-        """The request failed. ``billed`` (default: decided from ``error`` and whether the answer had
-        started) keeps the worst case as spent; otherwise the reservation is given back. A 429
+    def release_failed(
+        self, error: BaseException | None = None, *, billed: bool | None = None, sent: bool = True
+    ) -> None:
+        """The request failed. It still counts as a request (it was sent); ``billed`` (default: decided
+        from ``error`` and whether the answer had started) keeps its worst case as spent, otherwise
+        its money and tokens are given back. ``sent=False``: it never left this process (e.g. the
+        connection was refused), so everything is given back, the request too. A 429
         (``RateLimitError``) also starts the shared cool-down, for its Retry-After."""
         if billed is None:
             billed = self._answer_started or may_have_been_billed(error)
@@ -60,7 +69,7 @@ class Permit:
             if isinstance(error, _RATE_LIMITED):
                 self._limiter.note_rate_limited(error.retry_after)
         finally:
-            self._limiter._release(self._ticket, billed)
+            self._limiter._release(self._ticket, self._slot, billed=billed and sent, sent=sent)
 
     def _close(self) -> bool:
         was_open, self._open = self._open, False
@@ -92,7 +101,9 @@ class _NoPermit:
     def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         pass
 
-    def release_failed(self, error: BaseException | None = None, *, billed: bool | None = None) -> None:
+    def release_failed(
+        self, error: BaseException | None = None, *, billed: bool | None = None, sent: bool = True
+    ) -> None:
         pass
 
     def __enter__(self) -> _NoPermit:

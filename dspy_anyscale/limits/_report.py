@@ -9,19 +9,21 @@ from dataclasses import dataclass
 class SpendReport:
     """A snapshot of one LM's ledger (shared by its copies, and by a Ray job's actors on a Ray ledger).
 
-    spent_usd: the cost of answered requests (the server's counts x prices; the worst case for an
-        answer without counts or a failure that may have been billed). None when a request had no
-        price (possible only without ``budget_usd``).
-    reserved_usd: worst cases of the requests in flight.
+    spent_usd: the cost of answered requests (the server's counts x prices, with or without a
+        budget; the worst case for an answer without counts or a failure that may have been
+        billed). None when a request had no price, or no counts and no worst case (possible only
+        without ``budget_usd``).
+    reserved_usd: worst cases of the requests in flight (and of those a call of n reserved).
     remaining_usd: what new requests may still reserve now: budget - spent - reserved (>= 0).
-    requests: requests that count against ``max_requests``: answered, or failed but maybe billed.
+    requests: requests sent, which count against ``max_requests`` whatever their answer.
     in_flight: requests admitted and not yet answered.
     prompt_tokens / completion_tokens: as the server reported them (answers without counts add 0).
     unknown_usage: requests booked at their worst case for want of counts.
-    failed: requests that failed after being admitted (not billed ones are released).
+    failed: requests sent that failed (counted in ``requests``; their money goes back unless the
+        server may have billed them).
     refused: requests refused by ``budget_usd`` or ``max_requests`` (never sent).
-    overruns: answers that cost more than their reservation (a low prompt estimate): the budget
-        holds exactly only while this is 0.
+    overruns: answers that cost more than their reservation (a prompt over its bound: an image,
+        a chat template longer than the allowance): the budget holds exactly while this is 0.
     rate_limited: 429s reported to the ledger; cooldown_s: what is left of the shared cool-down.
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from ._config import Limits
@@ -31,6 +32,9 @@ class UnlimitedLimiter:
 
     async def aacquire(self, estimate: Estimate | None = None) -> Permit:
         return NO_PERMIT  # type: ignore[return-value]
+
+    def candidates(self, n: int) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def note_rate_limited(self, seconds: float | None = None) -> None:
         pass

@@ -20,8 +20,9 @@ Each actor builds its own ``Anyscale`` LM once, from ``lm.dump_state()`` (never 
 worker reads ``ANYSCALE_API_KEY`` from its own environment, or from a Ray runtime env you give it),
 keeps its connection pool, and runs rows on ``threads_per_actor`` threads. At most
 ``concurrency * threads_per_actor`` requests are in flight, whatever the size of the dataset; 429s
-are retried by DSPy as everywhere else. A row that fails gets an ``error`` string, never stops the
-job, and is counted.
+are retried by DSPy as everywhere else. A row that fails (its program raised anything, even
+``SystemExit``) gets an ``error`` string, never stops the job, and is counted. Arrow holds one
+type per column: a column of the rows that mixes types is turned into text, with a warning.
 
 Output rows: the input row's columns, the prediction's fields as ``pred_<field>``, ``error``
 (None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` and
@@ -31,7 +32,8 @@ Limits for the whole job (``budget_usd``, ``max_requests``, ``requests_per_minut
 ``tokens_per_minute``, as on ``Anyscale``) go to ``run_program`` / ``evaluate`` (one run) or to
 ``ProgramPool`` (every run on the pool). They are kept by one ledger in one Ray actor that every
 worker's LM reserves from; an ``lm`` with limits of its own has its ledger moved into such an
-actor for the job, never copied into each worker. A row whose request does not fit fails with
+actor for the job, never copied into each worker, and back into the driver when the job is over
+(so the ``lm`` goes on after ``ray.shutdown()``). A row whose request does not fit fails with
 ``BudgetExceededError`` (nothing sent); once a cap is used up the run stops sending, and the rows
 left fail at once. ``max_concurrency`` is refused for a job (a per-process limit):
 ``concurrency * threads_per_actor`` bounds what is in flight.

@@ -7,8 +7,13 @@ Where a run's ledger comes from, in the order it is looked for:
 2. limits given to a :class:`ProgramPool` (``ProgramPool(lm=..., budget_usd=...)``): one ledger
    for every run on the pool, stopped when the pool is closed;
 3. limits of the LM itself (``Anyscale(..., budget_usd=...)``): the LM's own ledger moves into a
-   Ray actor (``Limiter.share_on_ray``) and stays there, so the driver's LM keeps counting
-   against it and ``lm.spending()`` covers what the workers spent.
+   Ray actor (``Limiter.share_on_ray``) for the job, so the driver's LM keeps counting against it
+   and ``lm.spending()`` covers what the workers spent. When the job is over (a materialised run
+   has executed, a pool is closed) it comes home (``Limiter.bring_home``): the counts go back
+   into the driver and the actor stops, so the LM goes on after ``ray.shutdown()``. Jobs that
+   overlap share one move: the last to finish brings it home. A lazy run
+   (``materialize=False``) may execute again later, so its ledger stays in Ray until
+   ``lm.limiter.bring_home()``. A ledger the user shared on Ray themselves stays where it is.
 
 One request counts against one ledger, so limits are given in one place: a run's limits on a
 pool (or an LM) that has limits of its own are refused, as are a pool's on an LM that has some.
@@ -21,6 +26,7 @@ Everything here that could fail on the arguments runs before any Ray work (``che
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,15 +34,11 @@ from .. import _constants as C
 from ..anyscale import LIMIT_OPTIONS, Anyscale
 from ..errors import BudgetExceededError, ConfigurationError
 from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
-from ._ray import ray
+from ..limits._ray import RayLedger, describe, first_line
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
 AnyLimiter = Limiter | UnlimitedLimiter
-
-
-def describe(limits: Limits) -> str:
-    return ", ".join(f"{name}={value!r}" for name, value in limits.as_kwargs().items())
 
 
 def check_limits(
@@ -105,16 +107,50 @@ def start_ledger(limits: Limits | None) -> Limiter | None:
     return limiter
 
 
-def share_lm_ledger(lm: Anyscale) -> Limiter | None:
-    """The LM's own limiter with its ledger moved into a Ray actor (idempotent), or None if it has no limits.
+# LM limiters whose ledger a job moved into Ray, and how many jobs hold it there.
+_lent: dict[Limiter, int] = {}
+_lent_lock = threading.Lock()
 
-    The driver's LM keeps it: its own calls and ``lm.spending()`` go to the same ledger as the workers'.
+
+def share_lm_ledger(lm: Anyscale) -> Limiter | None:
+    """The LM's own limiter with its ledger in a Ray actor for a job, or None if it has no limits.
+
+    The driver's LM keeps it: its own calls and ``lm.spending()`` go to the same ledger as the
+    workers'. Each call is one hold; ``return_lm_ledger`` gives it back when the job is over.
     """
     limiter = lm.limiter
-    if not limiter.enabled:
+    if not isinstance(limiter, Limiter):
         return None
-    limiter.share_on_ray()  # type: ignore[union-attr]
-    return limiter  # type: ignore[return-value]
+    with _lent_lock:
+        if not isinstance(limiter.backend, RayLedger):
+            limiter.share_on_ray()
+            _lent[limiter] = 0
+        if limiter in _lent:  # else the user shared it on Ray: it stays where they put it
+            _lent[limiter] += 1
+    return limiter
+
+
+def return_lm_ledger(limiter: Limiter | None) -> None:
+    """A job holding the LM's ledger is over: the last one brings the ledger home. Never raises:
+    a ledger that cannot move (requests in flight in the driver, Ray gone) stays in Ray, and says
+    so if it is used after Ray has gone."""
+    if limiter is None:
+        return
+    with _lent_lock:  # held while moving: a job starting now waits, then moves it out again
+        if limiter not in _lent:
+            return
+        _lent[limiter] -= 1
+        if _lent[limiter] > 0:
+            return
+        del _lent[limiter]
+        try:
+            limiter.bring_home()
+        except Exception as exc:
+            logger.warning(
+                "dspy_anyscale.ray: the lm's ledger stays in its Ray actor (%s); call lm.limiter.bring_home() "
+                "before ray.shutdown() to keep using the lm with its counts",
+                first_line(exc),
+            )
 
 
 def stop_ledger(limiter: Limiter | None) -> SpendReport | None:
@@ -126,9 +162,9 @@ def stop_ledger(limiter: Limiter | None) -> SpendReport | None:
         report = limiter.report()
     except Exception:  # the actor died with its node, Ray was shut down: there is nothing left to report
         logger.debug("dspy_anyscale.ray: could not read the job's ledger", exc_info=True)
-    handle = getattr(limiter.backend, "handle", None)
-    if handle is not None and ray.is_initialized():
-        ray.kill(handle, no_restart=True)
+    backend = limiter.backend
+    if isinstance(backend, RayLedger):
+        backend.stop()
     return report
 
 

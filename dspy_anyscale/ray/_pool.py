@@ -18,10 +18,18 @@ from .. import _constants as C
 from ..anyscale import Anyscale
 from ..errors import ConfigurationError, PoolError
 from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
+from ..limits._ray import first_line
 from ._checks import check_adapter, check_lm, check_positive_ints, check_positive_number, fail
-from ._job_limits import check_limits, on_the_lm_or_here, share_lm_ledger, start_ledger, stop_ledger
+from ._job_limits import (
+    check_limits,
+    on_the_lm_or_here,
+    return_lm_ledger,
+    share_lm_ledger,
+    start_ledger,
+    stop_ledger,
+)
 from ._ray import ray
-from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, first_line, tally_of, to_block
+from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, tally_of, to_block
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -90,7 +98,8 @@ class ProgramPool:
     one ledger in a Ray actor that every worker's LM reserves from, from the first run to
     ``close()``; ``pool.spending()`` reports it (after ``close()`` too: its last report). An
     ``lm`` with limits of its own keeps them instead: its ledger moves into a Ray actor that the
-    workers and the driver's ``lm`` share. A run on a pool without either may have limits of its
+    workers and the driver's ``lm`` share, and back into the driver at ``close()`` (so the ``lm``
+    goes on after ``ray.shutdown()``). A run on a pool without either may have limits of its
     own (``run_program(..., pool=pool, budget_usd=...)``): a ledger for that run only. A run that
     uses its cap up stops sending; the rows left are errors, unrun (see :func:`run_program`).
     ``max_concurrency`` is refused: at most ``concurrency * threads_per_actor`` requests are in
@@ -138,7 +147,9 @@ class ProgramPool:
         self.limits: Limits | None = limits  # the pool's own limits (None: none given to ProgramPool)
         self._own_ledger = start_ledger(limits)  # started while the workers start
         self._final_report: SpendReport | None = None  # the pool's ledger's last report, once stopped
-        self._worker_limiter: Limiter | None = self._own_ledger or share_lm_ledger(lm)
+        # The LM's own ledger, moved into Ray while the pool is open; home again at close().
+        self._lent = None if self._own_ledger is not None else share_lm_ledger(lm)
+        self._worker_limiter: Limiter | None = self._own_ledger or self._lent
         self.lm, self.adapter = lm, adapter
         self.concurrency, self.threads_per_actor, self.num_cpus = concurrency, threads_per_actor, num_cpus
         self.max_restarts, self.start_timeout = max_restarts, float(start_timeout)
@@ -150,10 +161,15 @@ class ProgramPool:
             num_cpus=num_cpus, max_concurrency=BATCHES_PER_WORKER, max_restarts=0, max_task_retries=0
         )
         started = time.perf_counter()
-        self._slots = [self._start(index) for index in range(concurrency)]
-        # A run ends in ray.data.from_arrow_refs, whose metadata tasks need a Ray worker process:
-        # start one now, while the actors import DSPy, rather than in the first run (~1.4 s).
-        ray.data.from_arrow_refs([ray.put(to_block([], ()))])
+        self._slots: list[_Slot] = []
+        try:
+            self._slots = [self._start(index) for index in range(concurrency)]
+            # A run ends in ray.data.from_arrow_refs, whose metadata tasks need a Ray worker process:
+            # start one now, while the actors import DSPy, rather than in the first run (~1.4 s).
+            ray.data.from_arrow_refs([ray.put(to_block([], ()))])
+        except BaseException:
+            self._shutdown("its workers did not start")
+            raise
         self._await_start()
         logger.info("dspy_anyscale.ray: %r ready in %.2f s", self, time.perf_counter() - started)
 
@@ -200,9 +216,12 @@ class ProgramPool:
         for slot in self._slots:
             slot.dead = True
             _kill(slot.actor)
-        if self._own_ledger is not None:  # the LM's own ledger stays: the driver's LM keeps using it
+        if self._own_ledger is not None:
             self._final_report = stop_ledger(self._own_ledger)
             self._own_ledger = None
+        if self._lent is not None:  # the LM's own ledger comes home: the driver's LM goes on with it
+            return_lm_ledger(self._lent)
+            self._lent = None
 
     def _check_open(self) -> None:
         if self._closed is not None:

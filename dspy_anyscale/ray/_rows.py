@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import dspy
+import pyarrow  # type: ignore[import-untyped]  # installed with Ray Data, no stubs
 from dspy.utils.usage_tracker import UsageTracker
 from ray.data.block import BlockAccessor
 
@@ -79,6 +82,7 @@ class RowRunner:
         self.adapter = adapter
         self.limiter = lm.limiter  # the ledger this run's rows count against, flushed after each batch
         self.stopped: str | None = None  # set once: why the rows left are not run
+        self.kinds = output_kinds(spec.program)  # pred_ columns the signature declares bool, int or float
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec
@@ -98,15 +102,21 @@ class RowRunner:
         try:
             with dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True, usage_tracker=usage):
                 prediction = spec.program(**{key: row[key] for key in spec.input_keys})
-            out.update({PREDICTION_PREFIX + key: plain(value) for key, value in prediction.items()})
+            out.update(self._cells(prediction))
             out["error"] = None
             if spec.metric is not None:
                 out["score"] = float(spec.metric(example_of(row, spec.input_keys), prediction))
-        except Exception as exc:  # one bad row never stops the job: it is reported in its own row
+        except KeyboardInterrupt:
+            raise  # someone stopping the worker: not this row's failure
+        except BaseException as exc:  # SystemExit too: one bad row never stops the job, it is its own error
             out.update(failed_row(self._error(exc), spec))
         out.update(self._usage(usage.get_total_tokens()))
 
-    def _error(self, exc: Exception) -> str:
+    def _cells(self, prediction: dspy.Prediction) -> dict[str, Any]:
+        cells = {PREDICTION_PREFIX + key: value for key, value in prediction.items()}
+        return {name: cell(name, value, self.kinds.get(name)) for name, value in cells.items()}
+
+    def _error(self, exc: BaseException) -> str:
         refusal = budget_refusal(exc)
         if refusal is None:
             return f"{type(exc).__name__}: {exc}"
@@ -243,14 +253,6 @@ def as_rows(rows: Any) -> list[dict[str, Any]]:
     return rows.to_pylist() if hasattr(rows, "to_pylist") else list(rows)
 
 
-def first_line(exc: BaseException, *, last: bool = False) -> str:
-    """Ray's errors run over many lines (tracebacks, ids); a log line or a message needs one."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[-1] if last else lines[0]
-
-
 def output_columns(program: dspy.Module, metric: Metric | None) -> list[str]:
     """Columns every output batch has, even one whose rows all failed: the last predictor's outputs."""
     predictors = program.predictors()
@@ -267,10 +269,89 @@ def example_of(row: Mapping[str, Any], input_keys: Sequence[str]) -> dspy.Exampl
     return dspy.Example(**row).with_inputs(*input_keys)
 
 
-def plain(value: Any) -> Any:
-    """A value Arrow can store: primitives as they are, anything else as JSON text."""
-    if value is None or isinstance(value, str | bool | int | float):
+# --- one type per column: Ray Data stores rows as Arrow, which cannot merge blocks whose column types
+# differ (int64 in one, string in another), and would fail the whole run. ----------------------------
+
+_DECLARED = {bool: "bool", int: "int", float: "float"}
+# Values Arrow stores natively; a column of these that mixes types is turned into text.
+PLAIN_DATA = (str, bytes, bool, int, float, list, tuple, dict)
+
+
+def output_kinds(program: dspy.Module) -> dict[str, str]:
+    """``pred_<field>`` -> "bool", "int" or "float", for the fields the last predictor's signature
+    declares so (``Optional`` too); every other prediction field is stored as text."""
+    predictors = program.predictors()
+    if not predictors:
+        return {}
+    kinds = {}
+    for name, field in predictors[-1].signature.output_fields.items():
+        kind = _declared_kind(field.annotation)
+        if kind is not None:
+            kinds[PREDICTION_PREFIX + name] = kind
+    return kinds
+
+
+def _declared_kind(annotation: Any) -> str | None:
+    if get_origin(annotation) in (Union, UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(members) != 1:
+            return None  # int | str: text
+        annotation = members[0]
+    return _DECLARED.get(annotation)
+
+
+def cell(name: str, value: Any, kind: str | None) -> Any:
+    """The value of one prediction field as its column stores it, the same type in every row: text,
+    or the bool / int / float its signature declares. A value that does not fit its declared type
+    is that row's error (``TypeError``), never a column of two types."""
+    if value is None:
+        return None
+    if kind is None:
+        return text(value)
+    if isinstance(value, bool):
+        if kind == "bool":
+            return value
+    elif kind == "float" and isinstance(value, int | float):
+        return float(value)
+    elif kind == "int" and isinstance(value, int):
         return value
+    raise TypeError(
+        f"{name}: the signature declares {kind}, and the program returned {type(value).__name__} "
+        f"{reprlib.repr(value)}; a column holds one type"
+    )
+
+
+def mixed_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Columns of plain data (str, numbers, lists, dicts) that Arrow cannot hold as one type, each
+    with the type names it mixes. Columns of other Python objects are left to Ray (it pickles them)."""
+    columns: dict[str, list[Any]] = {}
+    for row in rows:
+        for name, value in row.items():
+            if value is not None:
+                columns.setdefault(name, []).append(value)
+    mixed = {}
+    for name, values in columns.items():
+        if not all(isinstance(value, PLAIN_DATA) for value in values):
+            continue
+        try:
+            pyarrow.array(values)
+        except (pyarrow.ArrowException, ValueError, TypeError, OverflowError):
+            mixed[name] = sorted({type(value).__name__ for value in values})
+    return mixed
+
+
+def as_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> list[dict[str, Any]]:
+    """The rows with these columns' values as text (None stays None)."""
+    names = set(columns)
+    return [{k: (v if k not in names or v is None else text(v)) for k, v in row.items()} for row in rows]
+
+
+def text(value: Any) -> str:
+    """A value as text: scalars as ``str`` gives them, containers and models as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
     try:
         return json.dumps(value.model_dump() if hasattr(value, "model_dump") else value, default=str)
     except (TypeError, ValueError):

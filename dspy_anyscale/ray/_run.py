@@ -13,7 +13,7 @@ import dspy
 from .. import _constants as C
 from ..anyscale import Anyscale
 from ..errors import ConfigurationError
-from ..limits import Limits
+from ..limits import Limiter, Limits, SpendReport
 from ._checks import (
     check_adapter,
     check_lm,
@@ -23,10 +23,29 @@ from ._checks import (
     fail,
     is_number,
 )
-from ._job_limits import check_limits, on_the_lm_or_here, share_lm_ledger, start_ledger, stop_ledger, without_limits
+from ._job_limits import (
+    check_limits,
+    on_the_lm_or_here,
+    return_lm_ledger,
+    share_lm_ledger,
+    start_ledger,
+    stop_ledger,
+    without_limits,
+)
 from ._pool import DEFAULT_CONCURRENCY, DEFAULT_NUM_CPUS, DEFAULT_THREADS_PER_ACTOR, ProgramPool
 from ._ray import ray
-from ._rows import Metric, ProgramActor, RunSpec, RunSummary, Tally, output_columns, tally_of, to_block
+from ._rows import (
+    Metric,
+    ProgramActor,
+    RunSpec,
+    RunSummary,
+    Tally,
+    as_text,
+    mixed_columns,
+    output_columns,
+    tally_of,
+    to_block,
+)
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -90,10 +109,13 @@ def run_program(
     left fail at once, unrun, and the run finishes. ``summarize_run`` counts them in ``errors``
     and ``refused``. Without these, an ``lm`` with limits of its own keeps them for the whole
     job: its ledger moves into a Ray actor that the workers and the driver's ``lm`` share, so
-    ``lm.spending()`` covers the workers. Limits are set in one place: on the run, the pool or
-    the LM. ``max_concurrency`` is refused: the job's requests in flight are at most
-    ``concurrency x threads_per_actor``. With ``materialize=False`` the run's ledger lives as
-    long as the lazy dataset, and every execution of it counts against that one ledger.
+    ``lm.spending()`` covers the workers, and comes back into the driver once the run has
+    executed (the ``lm`` goes on after ``ray.shutdown()``). Limits are set in one place: on the
+    run, the pool or the LM. ``max_concurrency`` is refused: the job's requests in flight are at
+    most ``concurrency x threads_per_actor``. With ``materialize=False`` the run's ledger lives as
+    long as the lazy dataset, and every execution of it counts against that one ledger; an
+    ``lm``'s own ledger stays in Ray until ``lm.limiter.bring_home()`` (call it before
+    ``ray.shutdown()``; after, the ``lm`` refuses to send and says so).
     """
     results, _ = _run(
         program,
@@ -239,6 +261,20 @@ def _run(
     return _run_on_ray_data(inputs, spec, lm, adapter, batch_size, materialize, owned=owned is not None, **sizes), None
 
 
+def _end_ledger(limiter: Limiter | None, *, owned: bool) -> SpendReport | None:
+    """A Ray Data run has executed: its own ledger stops, the LM's comes home; the ledger's last report."""
+    if limiter is None:
+        return None
+    if owned:
+        return stop_ledger(limiter)
+    return_lm_ledger(limiter)  # the driver's LM goes on with the counts, after ray.shutdown() too
+    try:
+        return limiter.report()
+    except Exception:  # the ledger could not come home and its actor is gone: nothing to report
+        logger.debug("dspy_anyscale.ray: could not read the lm's ledger", exc_info=True)
+        return None
+
+
 def _check_run_limits(
     limits: Mapping[str, Any], lm: Any, pool: ProgramPool | None, concurrency: Any, threads: Any
 ) -> Limits | None:
@@ -339,27 +375,29 @@ def _run_on_ray_data(
 ) -> Dataset:
     """A Ray Data actor pool built for this run (each actor imports DSPy: seconds).
 
-    ``owned``: ``spec.limiter`` is this run's own ledger. It is stopped once the run has executed;
-    a lazy run's ledger lives as long as its dataset (the dataset holds the actor's handle).
+    ``owned``: ``spec.limiter`` is this run's own ledger, else the LM's (moved into Ray for the
+    run). Once the run has executed, the run's own ledger is stopped and the LM's comes home. A
+    lazy run may execute again: its ledger stays in Ray as long as its dataset (which holds the
+    actor's handle), the LM's until ``lm.limiter.bring_home()``.
     """
     threads = threads_per_actor or DEFAULT_THREADS_PER_ACTOR
     started = time.perf_counter()
-    results = inputs.dataset().map_batches(
-        ProgramActor,
-        fn_constructor_kwargs={"spec": spec, "lm_state": lm.dump_state(), "adapter": adapter, "threads": threads},
-        compute=ray.data.ActorPoolStrategy(size=concurrency or DEFAULT_CONCURRENCY),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        num_cpus=DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
-    )
-    if not materialize:
-        return results
     try:
+        results = inputs.dataset().map_batches(
+            ProgramActor,
+            fn_constructor_kwargs={"spec": spec, "lm_state": lm.dump_state(), "adapter": adapter, "threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=concurrency or DEFAULT_CONCURRENCY),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            num_cpus=DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
+        )
+        if not materialize:
+            return results
         results = results.materialize()
-    finally:
-        report = stop_ledger(spec.limiter) if owned else None
-    if not owned and spec.limiter is not None:
-        report = spec.limiter.report()  # the LM's ledger, which the driver's LM keeps
+    except BaseException:
+        _end_ledger(spec.limiter, owned=owned)
+        raise
+    report = _end_ledger(spec.limiter, owned=owned)
     _log_summary(summarize_run(results, seconds=time.perf_counter() - started), report)
     return results
 
@@ -390,7 +428,7 @@ def _inputs(dataset: Any, input_keys: Any) -> _Inputs:
         # Only a schema Ray already knows: fetching one would run the dataset's first blocks.
         return _Inputs(_check_input_keys(input_keys, dataset.columns(fetch_if_missing=False)), data=dataset)
     items = _items(dataset)
-    rows = [dict(item.toDict() if isinstance(item, dspy.Example) else item) for item in items]
+    rows = _one_type_per_column([dict(item.toDict() if isinstance(item, dspy.Example) else item) for item in items])
     if input_keys is None:
         declared = [set(i.inputs().keys()) for i in items if isinstance(i, dspy.Example) and i._input_keys]
         if not declared:
@@ -398,6 +436,20 @@ def _inputs(dataset: Any, input_keys: Any) -> _Inputs:
         input_keys = sorted(set.union(*declared))
     columns = set().union(*(row.keys() for row in rows)) if rows else None
     return _Inputs(_check_input_keys(input_keys, columns), rows=rows)
+
+
+def _one_type_per_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows Ray Data can store: a column mixing types (str and int, say) would fail the whole run
+    when Arrow merges its blocks, so such a column becomes text, with a warning naming it."""
+    mixed = mixed_columns(rows)
+    if not mixed:
+        return rows
+    logger.warning(
+        "dspy_anyscale.ray: %s mix types, and Ray Data holds one type per column (Arrow): their values "
+        "were converted to text (None stays None)",
+        "; ".join(f"column {name!r} ({' and '.join(types)})" for name, types in mixed.items()),
+    )
+    return as_text(rows, mixed)
 
 
 def _items(dataset: Any) -> list[Any]:

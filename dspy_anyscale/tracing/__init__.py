@@ -208,6 +208,11 @@ class TracingObserver(Observer):
         if trace is not None:
             _guarded(trace.attempt_finished, call, attempt)
 
+    def call_answered(self, call: Call) -> None:
+        trace = call.state.get(id(self))
+        if trace is not None:
+            _guarded(trace.call_answered, call)
+
     def call_finished(self, call: Call, error: BaseException | None) -> None:
         trace = call.state.get(id(self))
         if trace is not None:

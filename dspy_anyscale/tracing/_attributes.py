@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .. import _constants as C
-from .._observe import Attempt, AttemptStart
+from .._observe import CANCELLED, Attempt, AttemptStart
 
 # --- names -------------------------------------------------------------------------------------
 
@@ -224,7 +224,7 @@ def attempt_end_attributes(attempt: Attempt) -> Attributes:
         TIME_TO_FIRST_CHUNK: attempt.ttft_s,
         STATUS: "ok" if attempt.ok else attempt.error,
         # A consumer that stopped reading is no failure of the attempt.
-        ERROR_TYPE: attempt.error if not attempt.ok and attempt.error != "cancelled" else None,
+        ERROR_TYPE: attempt.error if not attempt.ok and attempt.error != CANCELLED else None,
     }
     return {name: value for name, value in values.items() if value is not None}
 

@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from .._observe import Attempt, AttemptStart, Call
+from .._observe import CANCELLED, Attempt, AttemptStart, Call
 from .._version import __version__
 from ..usage import call_status
 from . import _attributes as A
@@ -66,7 +66,8 @@ def _epoch_ns(perf_counter: float) -> int:
 
 
 class CallTrace:
-    """One call's spans. The call span opens at the first attempt (or at the end, for a cache hit)."""
+    """One call's spans. The call span opens at the first attempt, or when DSPy has the answer (a cache
+    hit), or at the end (a refusal before any attempt)."""
 
     __slots__ = (
         "_attempts",
@@ -93,17 +94,18 @@ class CallTrace:
 
     # --- the call span ---------------------------------------------------------------------------
 
-    def _parent_for(self, start: AttemptStart | None) -> tuple[Any, int]:
+    def _parent_for(self, call: Call, inside: bool) -> tuple[Any, int]:
         """The parent context and the call span's start: the call-start context, or a span begun inside
-        the call that is current at its first attempt.
+        the call that is current where the span opens (``inside``: at the first attempt, or where DSPy
+        has a cache hit's answer).
 
         DSPy's LM span (OpenInference's ``LM.__call__``, MLflow's) starts inside our call, after
         the call opened: nesting under it keeps the trace reading program -> LM -> our call ->
-        HTTP attempts, and the call span then starts no earlier than that parent. Only for a
-        plain call, whose attempts run in the call's own context; a stream's run in another
-        task, so a stream keeps the context it started in.
+        HTTP attempts, for a cache hit as for a miss, and the call span then starts no earlier
+        than that parent. Only for a plain call, whose hooks run in the call's own context; a
+        stream's run in another task, so a stream keeps the context it started in.
         """
-        if start is None or start.stream:
+        if not inside or call.stream:
             return self._parent, self._start_ns
         current = otel_context.get_current()
         inner_span = trace.get_current_span(current)
@@ -116,7 +118,7 @@ class CallTrace:
         inner_start = getattr(inner_span, "start_time", None)  # the SDK's spans know it; the API's do not
         return current, max(self._start_ns, inner_start) if isinstance(inner_start, int) else self._start_ns
 
-    def _open(self, call: Call, start: AttemptStart | None) -> Span:
+    def _open(self, call: Call, start: AttemptStart | None, *, inside: bool) -> Span:
         endpoint = start.endpoint if start is not None else self._endpoint
         attributes = A.merged(
             A.base_attributes(endpoint, call.model),
@@ -128,7 +130,7 @@ class CallTrace:
             attributes.update(A.request_attributes(start.request))
             if self._tel.record_content:
                 attributes.update(A.content_attributes(start.request))
-        parent, start_ns = self._parent_for(start)
+        parent, start_ns = self._parent_for(call, inside)
         self._span = self._tel.tracer.start_span(
             A.span_name(endpoint, call.model),
             context=parent,
@@ -143,7 +145,7 @@ class CallTrace:
 
     def attempt_started(self, call: Call, start: AttemptStart) -> None:
         with self._lock:
-            parent = self._span or self._open(call, start)
+            parent = self._span or self._open(call, start, inside=not start.stream)
             # The parent is passed explicitly: the current context at attempt time may be another task's.
             self._attempts[start.number] = self._tel.tracer.start_span(
                 A.attempt_name(start),
@@ -153,13 +155,19 @@ class CallTrace:
                 start_time=_epoch_ns(start.started),
             )
 
+    def call_answered(self, call: Call) -> None:
+        """A cache hit's span opens here, inside DSPy's LM call, where a miss's opens at its first attempt."""
+        with self._lock:
+            if self._span is None:
+                self._open(call, None, inside=True)
+
     def attempt_finished(self, call: Call, attempt: Attempt) -> None:
         with self._lock:
             span = self._attempts.pop(attempt.start.number, None)
         if span is None:
             return
         span.set_attributes(A.attempt_end_attributes(attempt))
-        if not attempt.ok and attempt.error != "cancelled":
+        if not attempt.ok and attempt.error != CANCELLED:
             span.set_status(Status(StatusCode.ERROR, attempt.error))
         span.end(end_time=_epoch_ns(attempt.start.started + attempt.latency_s))
 
@@ -167,7 +175,7 @@ class CallTrace:
         duration = time.perf_counter() - call.started
         attempts = list(call.attempts)
         with self._lock:
-            span = self._span or self._open(call, None)  # a cache hit, or a refusal before any attempt
+            span = self._span or self._open(call, None, inside=False)  # a refusal before any attempt
         status = call_status(error, bool(attempts))
         outcome = A.outcome_attributes(attempts)
         span.set_attributes(
@@ -180,13 +188,13 @@ class CallTrace:
         )
         if self._tel.record_content:
             span.set_attributes(A.output_content(attempts))
-        failed = error is not None and status != "cancelled"  # a consumer that stopped reading is no failure
+        failed = error is not None and status != CANCELLED  # a consumer that stopped reading is no failure
         if failed:
             assert error is not None
             span.set_attribute(A.ERROR_TYPE, A.error_type(error))
             span.set_status(Status(StatusCode.ERROR, self._description(error)))
         span.end(end_time=self._end_ns(attempts))
-        if attempts and status != "cancelled":
+        if attempts and status != CANCELLED:
             self._record_metrics(call, attempts, outcome, error if failed else None, duration)
 
     def _end_ns(self, attempts: list[Attempt]) -> int:
