@@ -453,28 +453,35 @@ def run_cli(func: Callable[[], int], error: type[Exception]) -> int:
         return 1
 
 
-@dataclass(frozen=True)
-class ModelServer:
-    """A model server running on 127.0.0.1 in its own session; subclasses name their error class."""
+@dataclass(frozen=True, kw_only=True)
+class RunningServer:
+    """A server process running on 127.0.0.1 in its own session; subclasses name their error class."""
 
     pid: int
     port: int
-    alias: str
     log_path: Path
 
     error: ClassVar[type[Exception]] = RuntimeError
+    stop_timeout: ClassVar[float] = 5.0  # seconds between SIGTERM and SIGKILL
 
-    @property
-    def base_url(self) -> str:
-        """OpenAI-style API base, e.g. ``http://127.0.0.1:8080/v1``."""
-        return f"http://{HOST}:{self.port}/v1"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        terminate(self.pid, timeout, error=self.error)
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds; default ``stop_timeout``)."""
+        terminate(self.pid, self.stop_timeout if timeout is None else timeout, error=self.error)
 
     def __enter__(self: T) -> T:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelServer(RunningServer):
+    """An OpenAI-compatible model server: its API base and the model name it serves."""
+
+    alias: str
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style API base, e.g. ``http://127.0.0.1:8080/v1``."""
+        return f"http://{HOST}:{self.port}/v1"

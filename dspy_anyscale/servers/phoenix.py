@@ -188,15 +188,15 @@ def _run(cmd: list[str], log: Path) -> None:
 # --------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class PhoenixServer:
+@dataclass(frozen=True, kw_only=True)
+class PhoenixServer(_processes.RunningServer):
     """A running Phoenix on 127.0.0.1, its data in ``working_dir`` (removed by :meth:`stop`)."""
 
-    pid: int
-    port: int
     grpc_port: int
     working_dir: Path
-    log_path: Path
+
+    error = PhoenixError
+    stop_timeout = 10.0
 
     @property
     def url(self) -> str:
@@ -230,16 +230,10 @@ class PhoenixServer:
                 return found
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds) and remove its data."""
-        _processes.terminate(self.pid, timeout, error=PhoenixError)
+        super().stop(timeout)
         shutil.rmtree(self.working_dir, ignore_errors=True)
-
-    def __enter__(self) -> PhoenixServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _get_json(url: str, timeout: float = 10.0) -> Any:

@@ -63,7 +63,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import _processes
@@ -226,28 +225,15 @@ def _install_gateway(work: Path, say: Say) -> None:
 # --------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class PortkeyGateway:
+class PortkeyGateway(_processes.RunningServer):
     """A running Portkey gateway on 127.0.0.1."""
 
-    pid: int
-    port: int
-    log_path: Path
+    error = GatewayError
 
     @property
     def url(self) -> str:
         """OpenAI-style API base of the gateway, e.g. ``http://127.0.0.1:8787/v1``."""
         return f"http://{HOST}:{self.port}/v1"
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the gateway (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        _processes.terminate(self.pid, timeout, error=GatewayError)
-
-    def __enter__(self) -> PortkeyGateway:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start(*, port: int | None = None, ready_timeout: float = 30.0, fix_streaming: bool = True) -> PortkeyGateway:
