@@ -8,8 +8,11 @@ against its async route) and to its LiteLLM route, measured in this same run. No
 
     python benchmarks/overhead.py [--calls 300] [--rounds 5]
 
-Targets: the Anyscale sync direct call at most 0.90x DSPy's native lm15 route, one async call
-(sequential) at most 1.00x the native async route, and at most 0.7x the LiteLLM route.
+Targets: the Anyscale sync direct call at most 1.00x DSPy's native lm15 route, one async call
+(sequential) at most 1.00x the native async route, and at most 0.7x the LiteLLM route. (The sync
+target was 0.90x while the sync transport ran on connection classes that copied private
+``http.client`` code; on public requests/urllib3 API only it is 1.00x: the last 10-15 % were not
+worth a private API.)
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def main() -> None:
             medians[NATIVE_ASYNC] if name in (NATIVE_ASYNC, OURS_ASYNC) or "aiohttp" in name else medians[NATIVE]
         )
         print(f"{name:44} {value:9.0f} {value / native_value:9.2f} {value / medians[LITELLM]:10.2f}")
-    print(f"\nAnyscale sync vs native route:  {medians[OURS] / medians[NATIVE]:.2f}x (target <= 0.90)")
+    print(f"\nAnyscale sync vs native route:  {medians[OURS] / medians[NATIVE]:.2f}x (target <= 1.00)")
     print(f"Anyscale async vs native route: {medians[OURS_ASYNC] / medians[NATIVE_ASYNC]:.2f}x (target <= 1.00)")
     print(f"Anyscale vs LiteLLM route:      {medians[OURS] / medians[LITELLM]:.2f}x (target <= 0.70)")
     print(

@@ -22,6 +22,7 @@ from .errors import (
 )
 from .gateway import PORTKEY_GATEWAY_URL, portkey_headers
 from .hf_model import HFModel
+from .limits import Limits
 from .usage import UsageRecord, summarize
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "HFModel",
     "InvalidParameterError",
+    "Limits",
     "MissingConfigurationError",
     "ModelInfo",
     "Prices",

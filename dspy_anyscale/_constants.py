@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from ._version import __version__
 
 # --- Environment -----------------------------------------------------------------------------
@@ -45,7 +47,12 @@ MAX_TIMEOUT = 86_400.0
 DEFAULT_POOL_SIZE = 256
 USER_AGENT = f"dspy-anyscale/{__version__}"
 
+# ``Anyscale.models()`` (GET /models) lists what is served: a short answer, so a shorter read limit.
+DEFAULT_MODELS_READ_TIMEOUT = 30.0
+
 # --- Generation defaults ---------------------------------------------------------------------
+# JSON mode: "auto" sends OpenAI's form and learns a server's own from its refusal (_dialects.py).
+DEFAULT_RESPONSE_FORMAT_STYLE: Final = "auto"  # Final: a literal type, as the parameter is
 DEFAULT_NUM_RETRIES = 3
 # The longest Retry-After DSPy is allowed to wait; a server asking for more fails the call at once
 # (a 429 with Retry-After: 99999 would otherwise sleep 27.7 hours).
@@ -91,6 +98,8 @@ NON_ROUTING_HEADERS = frozenset(
 BUCKET_SECONDS = 1.0
 # The request bucket always holds at least one request, or requests_per_minute < 60 could never send.
 MIN_REQUEST_BUCKET = 1.0
+# The token bucket holds at least one token for the same reason (tokens_per_minute < 60).
+MIN_TOKEN_BUCKET = 1.0
 # Refill arithmetic in floats leaves crumbs: a level this close to what is needed counts as enough.
 LEVEL_EPSILON = 1e-9
 
@@ -122,6 +131,35 @@ ESTIMATE_TOKENS_PER_REQUEST = 8
 # The ledger actor only does bookkeeping: it must not hold a CPU that the job's actors need.
 RAY_LEDGER_NUM_CPUS = 0.0
 RAY_LEDGER_NAME_PREFIX = "dspy-anyscale-ledger"
+# Settlements a process has sent the ledger actor and not yet seen applied; past this many, the
+# finished ones are dropped from the list (it would otherwise grow with every request).
+RAY_LEDGER_PENDING_PRUNE_AT = 64
+
+# --- Ray entry points (dspy_anyscale.ray) ------------------------------------------------------------
+# Actors of a run's (or a pool's) pool, and the threads each runs rows on: at most
+# concurrency x threads_per_actor requests are in flight.
+RAY_DEFAULT_CONCURRENCY = 4
+RAY_DEFAULT_THREADS_PER_ACTOR = 8
+# CPUs each actor reserves: it waits on the network, so a fraction.
+RAY_DEFAULT_NUM_CPUS = 0.25
+# Rows sent to an actor at a time.
+RAY_DEFAULT_BATCH_SIZE = 32
+# The score of a row whose program raised, as dspy.Evaluate's failure_score.
+RAY_DEFAULT_FAILURE_SCORE = 0.0
+# A warm pool: dead workers replaced over its life, and how long a worker may take to start
+# (import DSPy, build its LM).
+RAY_POOL_MAX_RESTARTS = 3
+RAY_POOL_START_TIMEOUT_S = 300.0
+# Batches a pool worker holds at once: the second fills its threads while the first one's last
+# rows finish, so a batch's tail never leaves threads idle. Requests in flight stay bounded by
+# the worker's threads, which both batches share.
+RAY_POOL_BATCHES_PER_WORKER = 2
+# How often a pool run looks at workers that are (re)starting.
+RAY_POOL_POLL_S = 1.0
+
+# --- Usage records ---------------------------------------------------------------------------------
+# Records an LM keeps in memory (lm.usage); the usage log file keeps everything.
+USAGE_RECORDS_KEPT = 10_000
 
 # --- CLI -------------------------------------------------------------------------------------------
 # `python -m dspy_anyscale demo`: room for a ChainOfThought's reasoning and answer from a small model.

@@ -34,14 +34,22 @@ from ._params import supported_params
 from ._secrets import redacting
 from ._sse import aiter_sse, iter_sse
 from ._streaming import StreamTranslator
-from ._transport import AsyncTransport, JsonReply, StreamReply, SyncTransport
+from ._transport import (
+    AsyncTransport,
+    AwaitableTransport,
+    BlockingTransport,
+    JsonReply,
+    StreamReply,
+    SyncTransport,
+    Transport,
+)
 from ._wire import WireCall, WireOptions, build_call, parse_response
 from .catalog import Prices
 from .errors import RetryWaitTooLongError
-from .limits import UNLIMITED, Permit, UnlimitedLimiter
+from .limits import UNLIMITED, AnyLimiter, AnyPermit
 
 if TYPE_CHECKING:
-    from .limits import Estimate, Limiter
+    from .limits import Estimate
 
 _E = TypeVar("_E", bound="_EngineBase")
 
@@ -52,15 +60,17 @@ class _EngineBase:
     # DSPy reads these attributes from a custom engine to decide what adapters send.
     supports_reasoning = False
 
+    transport: Transport
+
     def __init__(
         self,
-        transport: SyncTransport | AsyncTransport,
+        transport: Transport,
         options: WireOptions,
         *,
         observers: tuple[Observer, ...] = (),
         headers: Mapping[str, str] | None = None,
         max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
-        limiter: Limiter | UnlimitedLimiter = UNLIMITED,
+        limiter: AnyLimiter = UNLIMITED,
         prices: Prices | None = None,
     ) -> None:
         self.transport = transport
@@ -151,11 +161,11 @@ class _EngineBase:
         raise error
 
     def _answered(
-        self, scope: AttemptScope | None, permit: Permit, reply: JsonReply, call: WireCall, request: Request
+        self, scope: AttemptScope | None, permit: AnyPermit, reply: JsonReply, call: WireCall, request: Request
     ) -> Response:
         if scope is not None:
             scope.replied(reply.status, reply.request_id)
-        with redacting(self.transport._secrets):  # a 2xx body may echo the request's headers
+        with redacting(self.transport.secrets):  # a 2xx body may echo the request's headers
             response = parse_response(reply.data, call, request, url=self._url(call), status=reply.status)
         usage = response.usage
         permit.settle(usage.input_tokens, usage.output_tokens)
@@ -166,7 +176,7 @@ class _EngineBase:
         return response
 
     def _translator(self, call: WireCall, request: Request) -> StreamTranslator:
-        return StreamTranslator(call, request, url=self._url(call), secret=self.transport._secrets)
+        return StreamTranslator(call, request, url=self._url(call), secret=self.transport.secrets)
 
     @staticmethod
     def _stream_opened(scope: AttemptScope | None, reply: StreamReply) -> None:
@@ -174,7 +184,7 @@ class _EngineBase:
             scope.replied(reply.status, reply.request_id)
 
     @staticmethod
-    def _events(scope: AttemptScope | None, permit: Permit, events: list[Any]) -> list[Any]:
+    def _events(scope: AttemptScope | None, permit: AnyPermit, events: list[Any]) -> list[Any]:
         if events:
             permit.answer_started()  # from now on a failure may have been billed
             if scope is not None:
@@ -182,7 +192,7 @@ class _EngineBase:
         return events
 
     @staticmethod
-    def _ended(scope: AttemptScope | None, permit: Permit, translator: StreamTranslator) -> list[Any]:
+    def _ended(scope: AttemptScope | None, permit: AnyPermit, translator: StreamTranslator) -> list[Any]:
         end = translator.finish()
         final = end[-1]
         usage = final.usage or lm15.Usage()
@@ -219,7 +229,7 @@ class _EngineBase:
 class AnyscaleEngine(_EngineBase):
     """Synchronous engine: ``complete`` and ``stream`` over a pooled ``requests`` adapter."""
 
-    transport: SyncTransport
+    transport: BlockingTransport
 
     def complete(self, request: Request) -> Response:
         call = self._call(request)
@@ -236,7 +246,9 @@ class AnyscaleEngine(_EngineBase):
                     self._learned(call, refusal)
                 return self._answered(scope, permit, reply, call, request)
 
-    def _resend_permit(self, permits: ExitStack, refused: Permit, refusal: lm15.LM15Error, resend: WireCall) -> Permit:
+    def _resend_permit(
+        self, permits: ExitStack, refused: AnyPermit, refusal: lm15.LM15Error, resend: WireCall
+    ) -> AnyPermit:
         """The refused request counts (it was sent); the resend is a request of its own, admitted by the limits."""
         refused.release_failed(refusal)
         return permits.enter_context(self.limiter.acquire(self._estimate(resend)))
@@ -253,7 +265,7 @@ class AnyscaleEngine(_EngineBase):
             permit = permits.enter_context(self.limiter.acquire(self._estimate(call)))
             yield from self._stream_under(permits, permit, call, request)
 
-    def _stream_under(self, permits: ExitStack, permit: Permit, call: WireCall, request: Request) -> Iterator[Any]:
+    def _stream_under(self, permits: ExitStack, permit: AnyPermit, call: WireCall, request: Request) -> Iterator[Any]:
         with self._observed(call, request, stream=True) as scope, ExitStack() as stack:
             try:
                 reply = stack.enter_context(self.transport.stream(call.path, call.payload))
@@ -283,7 +295,7 @@ class AnyscaleEngine(_EngineBase):
 class AsyncAnyscaleEngine(_EngineBase):
     """Async engine on aiohttp: awaits I/O on the caller's event loop (one session per loop), no thread pool."""
 
-    transport: AsyncTransport
+    transport: AwaitableTransport
 
     async def complete(self, request: Request) -> Response:
         call = self._call(request)
@@ -301,8 +313,8 @@ class AsyncAnyscaleEngine(_EngineBase):
                 return self._answered(scope, permit, reply, call, request)
 
     async def _resend_permit(
-        self, permits: ExitStack, refused: Permit, refusal: lm15.LM15Error, resend: WireCall
-    ) -> Permit:
+        self, permits: ExitStack, refused: AnyPermit, refusal: lm15.LM15Error, resend: WireCall
+    ) -> AnyPermit:
         """The refused request counts (it was sent); the resend is a request of its own, admitted by the limits."""
         refused.release_failed(refusal)
         return permits.enter_context(await self.limiter.aacquire(self._estimate(resend)))
@@ -323,7 +335,7 @@ class AsyncAnyscaleEngine(_EngineBase):
                     yield item
 
     async def _stream_under(
-        self, permits: ExitStack, permit: Permit, call: WireCall, request: Request
+        self, permits: ExitStack, permit: AnyPermit, call: WireCall, request: Request
     ) -> AsyncGenerator[Any, None]:
         with self._observed(call, request, stream=True) as scope:
             async with AsyncExitStack() as stack:
@@ -363,13 +375,13 @@ def make_engines(
     pool_size: int = C.DEFAULT_POOL_SIZE,
     observers: tuple[Observer, ...] = (),
     max_retry_wait: float = C.DEFAULT_MAX_RETRY_WAIT,
-    limiter: Limiter | UnlimitedLimiter = UNLIMITED,
+    limiter: AnyLimiter = UNLIMITED,
     prices: Prices | None = None,
 ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine]:
     """The sync/async engine pair for one endpoint, each with its own connection pool, sharing the
     observers and the limiter (sync calls, async calls and streams count together)."""
 
-    def engine(cls: type[_E], transport: SyncTransport | AsyncTransport) -> _E:
+    def engine(cls: type[_E], transport: Transport) -> _E:
         return cls(
             transport,
             options,
@@ -380,7 +392,7 @@ def make_engines(
             prices=prices,
         )
 
-    return (
-        engine(AnyscaleEngine, SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)),
-        engine(AsyncAnyscaleEngine, AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)),
-    )
+    # Annotated with the protocols so that mypy checks each transport against its side's.
+    blocking: BlockingTransport = SyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)
+    awaitable: AwaitableTransport = AsyncTransport(endpoint, timeout, headers=headers, pool_size=pool_size)
+    return engine(AnyscaleEngine, blocking), engine(AsyncAnyscaleEngine, awaitable)

@@ -32,7 +32,7 @@ def list_models(endpoint: Endpoint, timeout: Timeout, headers: Mapping[str, str]
             reply.status,
             orjson.dumps(reply.data),
             "Expected a 'data' list",
-            transport._secrets,  # the key and any secret header values
+            transport.secrets,  # the key and any secret header values
             method="GET",
         )
         raise wrap_error(error, model="(models)", provider=C.PROVIDER) from error

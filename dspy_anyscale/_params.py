@@ -231,8 +231,7 @@ def split_constructor_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any],
                 features=[key],
             )
         if key in PARAMETERS:
-            check_value(key, value)
-            carried[key] = value
+            carried[key] = value  # checked with the other defaults (_validate.check_generation_defaults)
         else:
             _guard_typo(key)
             check_extra(key, value)

@@ -1,9 +1,10 @@
 """Which values are secrets, and how they are kept out of text, saved state and cache keys.
 
-Two kinds of secret reach this package: the API key (owned by the transport) and header values
-that carry credentials (``x-portkey-api-key``, ``X-Auth-Token``, a Portkey config with target
-keys, ...). A header is secret when a word of its name says so, or when its value is a JSON object
-holding a field whose name says so. Secret values are never logged, saved with a program or
+Two kinds of secret reach this package: the API key (a :class:`Secret` from where it is read to
+the Authorization header the transport builds) and header values that carry credentials
+(``x-portkey-api-key``, ``X-Auth-Token``, a Portkey config with target keys, ...). A header is
+secret when a word of its name says so, or when its value is a JSON object holding a field whose
+name says so. Secret values are never logged, saved with a program or
 pickled, and every one the LM sends is redacted from the text of its errors (:class:`Secrets`).
 Most never enter a cache identity; the few that also choose where a request goes (a Portkey
 virtual key: :func:`is_routing_secret_name`) enter it as a keyed digest (see :mod:`._identity`).

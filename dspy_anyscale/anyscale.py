@@ -9,31 +9,43 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 
 from . import _constants as C
-from ._config import Timeout, check_headers, resolve_endpoint, resolve_timeout, resolve_usage_log
+from ._config import Timeout, resolve_endpoint, resolve_timeout, resolve_usage_log
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
 from ._observe import Observer
-from ._params import PARAMETERS, check_value, plan_direct_call, split_constructor_kwargs
+from ._params import PARAMETERS, split_constructor_kwargs
 from ._secrets import Secret, is_secret_header, restore_secret_headers
+from ._validate import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_generation_defaults,
+    check_headers,
+    check_limits_fit,
+    check_model,
+    check_seconds,
+    check_template,
+    check_text,
+)
 from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
-from .errors import ConfigurationError
 from .hf_model import HFModel
-from .limits import UNLIMITED, Limits, UnlimitedLimiter
+from .limits import UNLIMITED, AnyLimiter, Limits
+from .limits._config import LIMIT_NAMES, limits_from
 from .tracing import check_tracing, tracing_observer
-
-if TYPE_CHECKING:
-    from .limits import Limiter, SpendReport
 from .usage import CostTable, UsageRecord, UsageRecorder
 
+if TYPE_CHECKING:
+    from .limits import SpendReport
+
 # The limiter's constructor options (Limits' fields, in its order).
-LIMIT_OPTIONS = tuple(f.name for f in fields(Limits))
+LIMIT_OPTIONS = LIMIT_NAMES
 # Constructor settings that change the connection or the wire: copy() builds new engines for them.
 _REBUILD_KEYS = frozenset(
     {
@@ -52,9 +64,12 @@ _REBUILD_KEYS = frozenset(
         "usage_log",
         "max_retry_wait",
         "tracing",
+        "limits",
         *LIMIT_OPTIONS,
     }
 )
+# Settings that give a copy limits of its own (a new ledger), instead of sharing this LM's.
+_LIMIT_SETTINGS = frozenset({"limits", *LIMIT_OPTIONS})
 # In saved state: names of headers whose secret values were not saved (restored from the environment).
 _SECRET_HEADERS_KEY = "secret_headers"
 
@@ -88,82 +103,20 @@ class _Settings:
         return replace(self, headers=headers, dropped_headers=())
 
 
-def _check_template(template: str | None) -> str | None:
-    if template is not None and (not isinstance(template, str) or template.count("{prompt}") != 1):
-        raise ConfigurationError(
-            f"prompt_template must contain '{{prompt}}' exactly once, e.g. '[INST]{{prompt}}[/INST]'; got {template!r}"
-        )
-    return template
-
-
 def _as_secret(api_key: Any) -> Any:
     """The key wrapped (its repr says ***); other values as they are, for the checks to refuse."""
     return Secret(api_key) if isinstance(api_key, str) else api_key
 
 
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_text(name: str, value: Any) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a string or None, got {type(value).__name__}")
-    return value
-
-
-def _check_model(model: Any) -> str:
-    if not isinstance(model, str) or not model.strip() or model != model.strip():
-        raise ConfigurationError(
-            f"model must be a non-empty string without surrounding spaces, e.g. 'meta-llama/Llama-2-70b-chat-hf'; "
-            f"got {model!r}"
-        )
-    return model
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
-    if value not in choices:
-        raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
 _STYLES = ("auto", "openai", "anyscale")
 
 
-def _limiter_for(limits: Limits) -> Limiter | UnlimitedLimiter:
+def _limiter_for(limits: Limits) -> AnyLimiter:
     if not limits.enabled:
         return UNLIMITED  # an LM without limits pays for nothing
     from .limits import Limiter
 
     return Limiter(limits)
-
-
-def _check_limits(settings: _Settings, model: str, max_tokens: int | None) -> None:
-    """What a budget or a token rate needs to know a request's worst case: prices and max_tokens."""
-    limits = settings.limits
-    if limits.budget_usd is not None and CostTable(settings.prices).price(model) is None:
-        raise ConfigurationError(
-            f"budget_usd needs prices to know what a request can cost: pass prices={{'input': ..., 'output': ...}} "
-            f"(USD per million tokens); {model!r} is not in the built-in catalogue"
-        )
-    if (limits.budget_usd is not None or limits.tokens_per_minute is not None) and max_tokens is None:
-        raise ConfigurationError(
-            "budget_usd and tokens_per_minute reserve each request's worst case, prompt + max_tokens: "
-            "set max_tokens (not None)"
-        )
-
-
-def _check_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= C.MAX_TIMEOUT:
-        raise ConfigurationError(f"{name} must be a number of seconds from 0 to {C.MAX_TIMEOUT:g}, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class Anyscale(HFModel):
@@ -210,6 +163,9 @@ class Anyscale(HFModel):
             refused with ``BudgetExceededError`` before it is sent. Needs prices (``prices=`` or the
             catalogue). ``max_requests``: the same cap counted in requests. With any limit set, a
             429's ``Retry-After`` holds every caller of this LM. ``lm.spending()`` reports the ledger.
+        limits: the same five limits as one value, ``limits=Limits(budget_usd=5.0, max_concurrency=8)``
+            (``from dspy_anyscale.limits import Limits``), as the Ray entry points take them; give
+            either ``limits=`` or the keywords, not both.
         tracing: OpenTelemetry GenAI spans and metrics for this instance's calls (the ``otel`` extra):
             ``True`` always, ``False`` never, ``None`` (default) while ``dspy_anyscale.tracing.instrument()``
             is on.
@@ -229,7 +185,7 @@ class Anyscale(HFModel):
         *,
         system_prompt: str | None = None,
         prompt_template: str | None = None,
-        response_format_style: Literal["auto", "openai", "anyscale"] = "auto",
+        response_format_style: Literal["auto", "openai", "anyscale"] = C.DEFAULT_RESPONSE_FORMAT_STYLE,
         supports_tools: bool = True,
         supports_response_schema: bool = True,
         headers: Mapping[str, str] | None = None,
@@ -242,6 +198,7 @@ class Anyscale(HFModel):
         tokens_per_minute: float | None = None,
         budget_usd: float | None = None,
         max_requests: int | None = None,
+        limits: Limits | None = None,
         tracing: bool | None = None,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
@@ -252,35 +209,48 @@ class Anyscale(HFModel):
         # First: a traceback that captures locals (Sentry) must never find the key in this frame.
         key = _as_secret(api_key)
         del api_key
-        _check_model(model)
+        check_model(model)
         carried, extras = split_constructor_kwargs(kwargs)
-        check_value("temperature", temperature)
-        check_value("max_tokens", max_tokens)
-        chat = _check_flag("use_chat_api", use_chat_api)
+        # Before DSPy's LM sees them (it would refuse some in its own words): checked as every call sends them.
+        check_generation_defaults({"temperature": temperature, "max_tokens": max_tokens, "cache": cache, **carried})
+        chat = check_flag("use_chat_api", use_chat_api)
         options = WireOptions(
             endpoint="chat" if chat else "completions",
-            system_prompt=_check_text("system_prompt", system_prompt),
-            prompt_template=_check_template(prompt_template),
+            system_prompt=check_text("system_prompt", system_prompt),
+            prompt_template=check_template(prompt_template),
             extra_body=extras,
-            response_format_style=_check_choice("response_format_style", response_format_style, _STYLES),
-            supports_tools=_check_flag("supports_tools", supports_tools),
-            supports_response_schema=_check_flag("supports_response_schema", supports_response_schema),
+            response_format_style=check_choice("response_format_style", response_format_style, _STYLES),
+            supports_tools=check_flag("supports_tools", supports_tools),
+            supports_response_schema=check_flag("supports_response_schema", supports_response_schema),
         )
+        limit_keywords = {
+            "max_concurrency": max_concurrency,
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "budget_usd": budget_usd,
+            "max_requests": max_requests,
+        }
         settings = _Settings(
             api_base,
             resolve_timeout(timeout),
             options,
             check_headers(headers),
-            _check_count("pool_size", pool_size, 1),
+            check_count("pool_size", pool_size, 1),
             prices=Prices.parse(prices) if prices is not None else None,
             usage_log=resolve_usage_log(usage_log),
-            max_retry_wait=_check_seconds("max_retry_wait", max_retry_wait),
-            limits=Limits(max_concurrency, requests_per_minute, tokens_per_minute, budget_usd, max_requests),
+            max_retry_wait=check_seconds("max_retry_wait", max_retry_wait),
+            limits=limits_from(limits, limit_keywords),
             tracing=check_tracing(tracing),
         )
-        _check_count("num_retries", num_retries, 0)
-        check_value("cache", cache)
-        _check_limits(settings, model, max_tokens)
+        check_count("num_retries", num_retries, 0)
+        check_limits_fit(
+            named=", ".join(settings.limits.as_kwargs()),
+            budget=settings.limits.budget_usd is not None,
+            token_rate=settings.limits.tokens_per_minute is not None,
+            model=model,
+            priced=CostTable(settings.prices).price(model) is not None,
+            max_tokens=max_tokens,
+        )
         self._limiter = _limiter_for(settings.limits)
         engine, async_engine, self._recorder = self._connect(settings, key, model, self._limiter)
         self._settings = settings
@@ -296,11 +266,10 @@ class Anyscale(HFModel):
             num_retries=num_retries,
             **carried,
         )
-        plan_direct_call(self.kwargs, {})  # refuse invalid defaults now, not on the first call
 
     @staticmethod
     def _connect(
-        settings: _Settings, api_key: str | Secret | None, model: str, limiter: Limiter | UnlimitedLimiter
+        settings: _Settings, api_key: str | Secret | None, model: str, limiter: AnyLimiter
     ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
         """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
@@ -371,7 +340,7 @@ class Anyscale(HFModel):
         return self._recorder.costs.estimate(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     @property
-    def limiter(self) -> Limiter | UnlimitedLimiter:
+    def limiter(self) -> AnyLimiter:
         """The limits ledger this LM and its copies share (``Limiter.disabled()`` when no limit is set)."""
         return self._limiter
 
@@ -388,7 +357,7 @@ class Anyscale(HFModel):
         cls,
         api_base: str | None = None,
         api_key: str | None = None,
-        timeout: float | tuple[float, float] = (C.DEFAULT_CONNECT_TIMEOUT, 30.0),
+        timeout: float | tuple[float, float] = (C.DEFAULT_CONNECT_TIMEOUT, C.DEFAULT_MODELS_READ_TIMEOUT),
         headers: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """The models the endpoint serves (``GET {api_base}/models``), configured like the constructor.
@@ -413,14 +382,15 @@ class Anyscale(HFModel):
         use_chat_api = kwargs.pop("use_chat_api", None)
         endpoint: EndpointKind = self._settings.options.endpoint
         if use_chat_api is not None:
-            endpoint = "chat" if _check_flag("use_chat_api", use_chat_api) else "completions"
+            endpoint = "chat" if check_flag("use_chat_api", use_chat_api) else "completions"
         # The endpoint and the cache identity travel in the request (DSPy's cache key sees them);
         # the engine takes them off before the wire.
         return {C.ENGINE_EXTENSION_KEY: {"endpoint": endpoint, "identity": self.engine.cache_identity}}
 
     # --- copies, saving, pickling ---------------------------------------------------------------
 
-    def _init_args(self, settings: _Settings) -> dict[str, Any]:
+    def _init_args(self, settings: _Settings, *, keep_limits: bool = True) -> dict[str, Any]:
+        """Constructor arguments that rebuild this LM (``keep_limits=False``: without its limits)."""
         options = settings.options
         args: dict[str, Any] = {
             "model": self.model,
@@ -445,7 +415,8 @@ class Anyscale(HFModel):
             args["prices"] = {"input": settings.prices.input, "output": settings.prices.output}
         if settings.max_retry_wait != C.DEFAULT_MAX_RETRY_WAIT:
             args["max_retry_wait"] = settings.max_retry_wait
-        args.update(settings.limits.as_kwargs())  # a loaded program starts a ledger of its own
+        if keep_limits:
+            args.update(settings.limits.as_kwargs())  # a loaded program starts a ledger of its own
         if settings.tracing is not None:
             args["tracing"] = settings.tracing
         if settings.usage_log is not None:
@@ -482,15 +453,15 @@ class Anyscale(HFModel):
         rebuild = {key: kwargs.pop(key) for key in list(kwargs) if self._is_connection_setting(key)}
         if not rebuild:
             return super().copy(**kwargs)
-        args = {**self._init_args(self._settings), **rebuild}
-        args.setdefault("api_key", Secret(self.engine.transport.endpoint.api_key or ""))
+        args = {**self._init_args(self._settings, keep_limits="limits" not in rebuild), **rebuild}
+        args.setdefault("api_key", self.engine.transport.endpoint.api_key)  # a Secret (empty: no key)
         new = type(self)(**args)
         new.callbacks = list(self.callbacks)
-        if not set(rebuild) & set(LIMIT_OPTIONS):
+        if not set(rebuild) & _LIMIT_SETTINGS:
             new._share_limiter(self._limiter)  # a copy counts against the same ledger
         return new.copy(**kwargs) if kwargs else new
 
-    def _share_limiter(self, limiter: Limiter | UnlimitedLimiter) -> None:
+    def _share_limiter(self, limiter: AnyLimiter) -> None:
         self._limiter = limiter
         for engine in (self._engine_spec, self._async_engine_spec):
             engine.limiter = limiter

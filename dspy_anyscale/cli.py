@@ -171,13 +171,11 @@ def _usage_log(file: str | None) -> str:
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse a bad option value before anything starts: no stand-in built, no request sent."""
-    from ._config import normalize_base_url
     from ._params import check_value
+    from ._validate import check_model, normalize_base_url
 
     if getattr(args, "model", None) is not None:
-        from .anyscale import _check_model  # imports DSPy: only for the commands that take a model
-
-        _check_model(args.model)
+        check_model(args.model)
     if getattr(args, "api_base", None) is not None:
         normalize_base_url(args.api_base, "--api-base")
     if getattr(args, "max_tokens", None) is not None:

@@ -1,20 +1,47 @@
 """The exceptions dspy-anyscale raises, and the DSPy ones it raises through.
 
-Two families reach a user, depending on where a failure is found:
+Everything this package raises itself is an :class:`AnyscaleError`. Each class also keeps the
+Python or DSPy base that says what kind of failure it is (``except ValueError`` and DSPy's retry
+loop go on reading those), named in brackets below. The tree is checked against the code
+(``tests/test_errors.py``)::
 
-Found before any network call, by this package (construction, argument checks)::
+    AnyscaleError                        the root: ``except AnyscaleError`` catches every class below
+    ├── ConfigurationError               something you passed cannot work, refused before any request
+    │   │                                (a setting, a limit, an argument of a Ray entry point)
+    │   │                                [ValueError, DSPy's LMConfigurationError: never retried]
+    │   ├── MissingConfigurationError    no base URL / API key found anywhere [LMNotConfiguredError]
+    │   ├── InvalidParameterError        a generation parameter of the wrong type or out of range; names
+    │   │                                it in ``parameter``, says what it takes in ``expected`` [TypeError]
+    │   └── UnsupportedParameterError    a parameter this endpoint cannot carry, refused instead of
+    │                                    dropped [DSPy's LMUnsupportedFeatureError]
+    ├── BudgetExceededError              refused by the LM's own limits before it was sent: its worst case
+    │                                    does not fit budget_usd or max_requests [DSPy's LMError: not retried]
+    ├── LimiterTimeoutError              a caller's own wait limit passed while queued for a slot or a rate
+    │   │                                bucket; nothing was sent [DSPy's LMError, TimeoutError: not retried]
+    │   └── LimiterDeadlockError         a plain (sync) call on an event loop's thread would wait for that
+    │                                    same loop's tasks, which cannot run while it blocks: refused at once
+    ├── UnexpectedResponseError          a 2xx body that is not the JSON an OpenAI-compatible server sends
+    │                                    [lm15's ProviderError: DSPy re-raises it as LMProviderError, not retried]
+    ├── RetryWaitTooLongError            internal to the engine: a 429/5xx asked to wait longer than
+    │                                    max_retry_wait [lm15's ProviderError]; you catch the public error
+    │                                    it stands for, LMRateLimitError / LMServerError (see the table below)
+    ├── PoolError                        a dspy_anyscale.ray.ProgramPool cannot run: closed, its workers did
+    │                                    not start, or all died [RuntimeError]
+    ├── LocalServerError                 dspy_anyscale.servers.llama_server: installing, starting or stopping
+    │                                    llama.cpp's llama-server failed [RuntimeError]
+    ├── LlamaCppPythonError              dspy_anyscale.servers.llama_cpp_python: the same for
+    │                                    llama-cpp-python's server [RuntimeError]
+    ├── GatewayError                     dspy_anyscale.servers.portkey: the same for the Portkey gateway
+    │                                    [RuntimeError]
+    └── PhoenixError                     dspy_anyscale.servers.phoenix: the same for Arize Phoenix [RuntimeError]
 
-    AnyscaleError                      base class of everything raised by this package itself
-    ├── ConfigurationError             bad configuration (also a ValueError and DSPy's LMConfigurationError)
-    │   └── MissingConfigurationError  no base URL / API key found (also DSPy's LMNotConfiguredError)
-    ├── InvalidParameterError          a generation parameter of the wrong type or out of range (also a
-    │                                  TypeError and a ValueError, as DSPy raises for bad arguments)
-    ├── UnsupportedParameterError      a parameter this endpoint cannot carry (also a ValueError and
-    │                                  DSPy's LMUnsupportedFeatureError)
-    └── PoolError                      a dspy_anyscale.ray.ProgramPool cannot run: closed, its workers did not
-                                       start, or all died (also a RuntimeError)
+"You passed something wrong" is one family: a wrong value is a ``ConfigurationError`` wherever it
+is given (``Anyscale(...)``, ``Anyscale.models``, ``Limits(...)``, a call's options, the Ray entry
+points), found before any request and before any Ray work, with a message that names what was
+wrong and what it takes. A keyword a function does not take is Python's own ``TypeError``, as for
+any function.
 
-Found while talking to the server. The engine raises ``dspy.lm15`` errors, the contract DSPy's
+Found while talking to the server, the engine raises ``dspy.lm15`` errors, the contract DSPy's
 retry loop reads; every DSPy call (``lm(...)``, ``await lm.acall(...)``, any module) re-raises
 them as DSPy's public errors, with the lm15 error as ``__cause__``::
 
@@ -29,23 +56,20 @@ them as DSPy's public errors, with the lm15 error as ``__cause__``::
     5xx                                   ServerError                  LMServerError            retried
     connection refused/reset, DNS, TLS    TransportError               LMTransportError         retried
     2xx body that is not the JSON an      UnexpectedResponseError      LMProviderError          not retried
-      OpenAI-compatible server sends        (an lm15 ProviderError)
+      OpenAI-compatible server sends
     a field the wire cannot carry         UnsupportedFeatureError      LMUnsupportedFeatureError  not retried
     429/5xx asking to wait longer than    RetryWaitTooLongError        LMRateLimitError /       failed at once
-      max_retry_wait (default 60 s)         (internal)                   LMServerError
-
-Refused by the client's own limits before anything is sent (DSPy's LMError, never retried)::
-
-    BudgetExceededError     the request's worst case could take spend over budget_usd (or max_requests)
-    LimiterTimeoutError     a caller's own wait limit passed while queued for a slot or a rate bucket
-    └── LimiterDeadlockError  a plain (sync) call on an event loop's thread would wait for that same
-                            loop's tasks, which cannot run while it blocks: refused at once
+      max_retry_wait (default 60 s)                                    LMServerError
 
 All of DSPy's classes are re-exported here, so ``from dspy_anyscale.errors import LMRateLimitError``
-works. No message ever contains the API key.
+works. No message ever contains the API key. Every class pickles (Ray sends errors between
+processes) with its attributes.
 """
 
 from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
 
 from dspy.lm15 import LM15Error, ProviderError, RateLimitError
 from dspy.utils.exceptions import (
@@ -98,21 +122,47 @@ __all__ = [
 class AnyscaleError(Exception):
     """Base class of every exception raised by dspy-anyscale itself."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its class, args and attributes, rebuilt without calling __init__: the default
+        # (``cls(*args)``) would drop the keyword-only arguments our classes and DSPy's and lm15's
+        # bases take (``parameter=``, ``limit=``, ``provider=`` ...) and fail to rebuild some of them.
+        # Read-only mappings (lm15 freezes ``rate_limit_headers``), which pickle refuses, travel as
+        # dicts and are frozen again. Ray sends a worker's errors to the driver this way.
+        frozen = tuple(name for name, value in vars(self).items() if isinstance(value, MappingProxyType))
+        state = {name: dict(value) if name in frozen else value for name, value in vars(self).items()}
+        return (_rebuild, (type(self), self.args, state, frozen))
+
+
+def _rebuild(
+    cls: type[AnyscaleError], args: tuple[Any, ...], state: dict[str, Any], frozen: tuple[str, ...]
+) -> AnyscaleError:
+    error = cls.__new__(cls)
+    error.args = args
+    vars(error).update(state)
+    for name in frozen:
+        setattr(error, name, MappingProxyType(state[name]))
+    return error
+
 
 class ConfigurationError(AnyscaleError, LMConfigurationError, ValueError):
-    """The configuration given (argument, environment or ``.env``) cannot work; says what and how to fix it."""
+    """Something you passed (argument, environment or ``.env``) cannot work; says what and how to fix it.
+
+    The one family of "you passed something wrong": settings, limits and the Ray entry points'
+    arguments raise it, and the parameter errors below are kinds of it. Found before any request.
+    """
 
 
 class MissingConfigurationError(ConfigurationError, LMNotConfiguredError):
     """A required setting (base URL, API key) was found nowhere; names the variable to set."""
 
 
-class InvalidParameterError(AnyscaleError, TypeError, ValueError):
+class InvalidParameterError(ConfigurationError, TypeError):
     """A generation parameter of the wrong type or value; ``parameter`` names it, ``expected`` says what it takes.
 
     Raised before any request, wherever the parameter was given (constructor default, direct call,
-    program call). Both a TypeError and a ValueError, so ``except ValueError`` catches it as it
-    would catch DSPy's own argument errors.
+    program call). A ``ConfigurationError`` (so a ``ValueError``), and a ``TypeError`` too, as
+    Python raises for an argument of the wrong type: ``except ValueError`` and ``except TypeError``
+    both catch it, as they would DSPy's own argument errors.
     """
 
     def __init__(self, message: str, *, parameter: str, expected: str) -> None:
@@ -121,7 +171,7 @@ class InvalidParameterError(AnyscaleError, TypeError, ValueError):
         self.expected = expected
 
 
-class UnsupportedParameterError(AnyscaleError, LMUnsupportedFeatureError, ValueError):
+class UnsupportedParameterError(ConfigurationError, LMUnsupportedFeatureError):
     """A generation parameter this endpoint cannot carry; refused instead of being dropped."""
 
     def __init__(self, message: str, *, features: list[str] | None = None) -> None:
@@ -132,7 +182,7 @@ class PoolError(AnyscaleError, RuntimeError):
     """A :class:`dspy_anyscale.ray.ProgramPool` cannot run: it is closed, its workers did not start, or all died."""
 
 
-class UnexpectedResponseError(ProviderError):
+class UnexpectedResponseError(ProviderError, AnyscaleError):
     """The server answered 2xx with something that is not an OpenAI-compatible JSON body.
 
     Raised by the engine (an lm15 ``ProviderError``, so DSPy does not retry it and re-raises it as
@@ -141,8 +191,13 @@ class UnexpectedResponseError(ProviderError):
 
     default_code = "unexpected_response"
 
+    def __init__(self, message: str = "", **details: Any) -> None:
+        # ``details``: lm15's (provider, status, request_id, ...). Named here: the type checker sees
+        # AnyscaleError's constructor otherwise, lm15 being untyped for it.
+        ProviderError.__init__(self, message, **details)
 
-class BudgetExceededError(LMError):
+
+class BudgetExceededError(AnyscaleError, LMError):
     """A request was refused before it was sent: its worst case could take spending over a cap.
 
     ``limit`` is ``"budget_usd"`` or ``"max_requests"``. The USD figures are what the ledger held
@@ -164,7 +219,7 @@ class BudgetExceededError(LMError):
         requests: int = 0,
         reserved_requests: int = 0,
         max_requests: int | None = None,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         self.limit = limit
         self.spent_usd = spent_usd
@@ -177,7 +232,7 @@ class BudgetExceededError(LMError):
         super().__init__(message, **kwargs)
 
 
-class LimiterTimeoutError(LMError, TimeoutError):
+class LimiterTimeoutError(AnyscaleError, LMError, TimeoutError):
     """A caller's ``timeout`` passed while it waited for a slot, a rate bucket or a cool-down.
 
     Nothing was sent and nothing was reserved. Not retried by DSPy: the caller chose the limit.
@@ -199,7 +254,7 @@ class LimiterDeadlockError(LimiterTimeoutError):
     default_code = "limiter_deadlock"
 
 
-class RetryWaitTooLongError(ProviderError):
+class RetryWaitTooLongError(ProviderError, AnyscaleError):
     """Engine-internal: the server asked to wait longer than ``max_retry_wait`` before retrying.
 
     DSPy would wait whatever an error's ``retry_after`` says (27 hours for ``Retry-After: 99999``), so
@@ -213,7 +268,8 @@ class RetryWaitTooLongError(ProviderError):
     def __init__(self, refused: LM15Error, *, limit: float) -> None:
         asked = refused.retry_after if refused.retry_after is not None else float("inf")
         shown = "an unbounded time" if asked == float("inf") else f"{asked:g} s"
-        super().__init__(
+        ProviderError.__init__(
+            self,
             f"The server asked to wait {shown} before retrying (Retry-After), more than max_retry_wait={limit:g} s: "
             f"not retried. {refused.message}",
             provider=refused.provider,

@@ -30,7 +30,8 @@ from ._direct_stream import astream_text, stream_text
 from ._identity import check_user_metadata, strip_identity_metadata, with_identity_metadata
 from ._observe import Call, Observer, call_answered, finish_call, observed_call, open_call, within
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
-from .errors import InvalidParameterError, UnsupportedParameterError, public_error
+from ._validate import check_call_flag, check_prompt
+from .errors import UnsupportedParameterError, public_error
 
 
 def choice_from(response: Response, *, logprobs: bool) -> dict[str, Any]:
@@ -84,24 +85,6 @@ def _is_program_call(prompt: Any, kwargs: Mapping[str, Any]) -> bool:
     return False
 
 
-def _prompt(prompt: Any) -> str:
-    if not isinstance(prompt, str):
-        raise InvalidParameterError(
-            f"prompt must be a string (or pass messages=[...] or a dspy.lm15.Request), got {type(prompt).__name__}",
-            parameter="prompt",
-            expected="a string",
-        )
-    return prompt
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidParameterError(
-            f"{name} must be True or False, got {type(value).__name__} {value!r}", parameter=name, expected="a bool"
-        )
-    return value
-
-
 def _raise_public(exc: BaseException, model: str) -> NoReturn:
     """Raise ``exc`` as users see it (see ``errors.RetryWaitTooLongError``)."""
     public = public_error(exc, model)
@@ -128,9 +111,10 @@ def _request_with_identity(request: Request, identity: str) -> Request:
 
 
 def _sorting_options(only_completed: bool, return_sorted: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    _flag("only_completed", only_completed)
-    # Sorting by likelihood needs the tokens' logprobs.
-    return {**kwargs, "logprobs": kwargs.get("logprobs") or True} if _flag("return_sorted", return_sorted) else kwargs
+    check_call_flag("only_completed", only_completed)
+    if not check_call_flag("return_sorted", return_sorted):
+        return kwargs
+    return {**kwargs, "logprobs": kwargs.get("logprobs") or True}  # sorting by likelihood needs the tokens' logprobs
 
 
 def _texts(response: Mapping[str, Any], only_completed: bool, return_sorted: bool) -> list[str]:
@@ -203,7 +187,7 @@ class HFModel(dspy.LM):
                 prompt, kwargs = self._keyed(prompt, kwargs)
                 with self._candidates(self._program_n(kwargs)):  # DSPy fans n out into n requests
                     return super().__call__(prompt, **kwargs)
-            response = self.request(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
+            response = self.request(check_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
 
     async def acall(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
@@ -213,7 +197,9 @@ class HFModel(dspy.LM):
                 prompt, kwargs = self._keyed(prompt, kwargs)
                 with self._candidates(self._program_n(kwargs)):
                     return await super().acall(prompt, **kwargs)
-            response = await self._agenerate(_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
+            response = await self._agenerate(
+                check_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs)
+            )
             return _texts(response, only_completed, return_sorted)
 
     # --- cache identity ---------------------------------------------------------------------------
@@ -246,7 +232,7 @@ class HFModel(dspy.LM):
         """``{"prompt": prompt, "choices": [{"text", "finish_reason", ...}, ...]}``, one choice per ``n``."""
         with self._observed():
             plan = self._plan(kwargs)
-            request = self._direct_request(_prompt(prompt), plan)
+            request = self._direct_request(check_prompt(prompt), plan)
             with self._candidates(plan.n):
                 responses = [super(HFModel, self).__call__(request, **plan.candidate_kwargs(i)) for i in range(plan.n)]
             return {"prompt": prompt, "choices": [choice_from(r, logprobs=plan.logprobs) for r in responses]}
@@ -257,7 +243,7 @@ class HFModel(dspy.LM):
 
         with self._observed():
             plan = self._plan(kwargs)
-            request = self._direct_request(_prompt(prompt), plan)
+            request = self._direct_request(check_prompt(prompt), plan)
             with self._candidates(plan.n):  # the gathered tasks inherit it
                 responses = await asyncio.gather(
                     *(super(HFModel, self).acall(request, **plan.candidate_kwargs(i)) for i in range(plan.n))
@@ -352,7 +338,7 @@ class HFModel(dspy.LM):
         super().update_history(entry)
 
     def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:
-        prompt = _prompt(prompt)
+        prompt = check_prompt(prompt)
         plan = self._plan(kwargs)
         if plan.n != 1 or plan.call_kwargs:
             raise UnsupportedParameterError(

@@ -32,7 +32,6 @@ from .catalog import Prices, model_info
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
-RECORDS_KEPT = 10_000  # per LM, in memory; the log file keeps everything
 _OK, _CACHED = "ok", "cached"
 
 
@@ -116,7 +115,7 @@ class UsageRecorder(Observer):
     def __init__(self, *, prices: Prices | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
         self.costs = CostTable(prices)
         self.log_path = Path(log_path) if log_path else None
-        self.records: deque[UsageRecord] = deque(maxlen=RECORDS_KEPT)
+        self.records: deque[UsageRecord] = deque(maxlen=C.USAGE_RECORDS_KEPT)
         self._lock = threading.Lock()
         self._log_failed = False
 

@@ -20,6 +20,7 @@ from dspy import lm15
 import dspy_anyscale
 from dspy_anyscale import _constants as C
 from dspy_anyscale._config import Endpoint, Timeout
+from dspy_anyscale._secrets import Secret
 from dspy_anyscale._transport import AsyncTransport
 from dspy_anyscale.errors import UnexpectedResponseError
 from dspy_anyscale.testing import Fault
@@ -130,7 +131,7 @@ def server() -> Iterator[LocalServer]:
 @pytest.fixture
 def transport(server):
     server.seen.clear()
-    return AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 45.0), headers={"X-Team": "research"})
+    return AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 45.0), headers={"X-Team": "research"})
 
 
 def closed_port() -> int:
@@ -160,7 +161,7 @@ def test_post_sends_bearer_json_compression_and_the_body(server, transport):
 
 
 def test_no_key_sends_no_authorization(server):
-    transport = AsyncTransport(Endpoint(server.base_url, None), Timeout(3.0, 10.0))
+    transport = AsyncTransport(Endpoint(server.base_url), Timeout(3.0, 10.0))
     run(transport.request_json("POST", "/echo", BODY))
     assert "Authorization" not in server.seen[-1]["headers"]
 
@@ -225,14 +226,14 @@ def test_a_failed_stream_status_is_mapped(transport):
 
 
 def test_read_timeout_names_the_phase_and_the_limit(server):
-    transport = AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 0.2))
+    transport = AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 0.2))
     with pytest.raises(lm15.TimeoutError, match=r"read timeout 0\.2s"):
         run(transport.request_json("POST", "/slow?delay=1", BODY))
 
 
 def test_read_timeout_is_the_longest_silence_not_a_deadline(server):
     """Five chunks 0.15 s apart take 0.75 s in all, three times the limit: each gap is under it."""
-    transport = AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 0.5))
+    transport = AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 0.5))
 
     async def read():
         async with transport.stream("/trickle?count=5&gap=0.15", BODY) as reply:
@@ -242,7 +243,7 @@ def test_read_timeout_is_the_longest_silence_not_a_deadline(server):
 
 
 def test_silence_mid_stream_is_a_read_timeout(server):
-    transport = AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 0.2))
+    transport = AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 0.2))
 
     async def read():
         async with transport.stream("/trickle?count=2&gap=0.8", BODY) as reply:
@@ -253,13 +254,13 @@ def test_silence_mid_stream_is_a_read_timeout(server):
 
 
 def test_connection_refused_is_a_transport_error():
-    transport = AsyncTransport(Endpoint(f"http://127.0.0.1:{closed_port()}/v1", SECRET), Timeout(1.0, 1.0))
+    transport = AsyncTransport(Endpoint(f"http://127.0.0.1:{closed_port()}/v1", Secret(SECRET)), Timeout(1.0, 1.0))
     with pytest.raises(lm15.TransportError, match="failed"):
         run(transport.request_json("POST", "/echo", BODY))
 
 
 def test_an_invalid_url_is_a_configuration_error():
-    transport = AsyncTransport(Endpoint("http:///v1", SECRET), Timeout(1.0, 1.0))
+    transport = AsyncTransport(Endpoint("http:///v1", Secret(SECRET)), Timeout(1.0, 1.0))
     with pytest.raises(lm15.ConfigurationError, match="invalid URL"):
         run(transport.request_json("POST", "/echo", BODY))
 
@@ -279,7 +280,7 @@ def test_a_connect_timeout_is_classified_as_one():
 
 
 def test_a_kept_alive_connection_closed_by_the_server_is_resent_once(stub):
-    transport = AsyncTransport(Endpoint(stub.base_url, SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint(stub.base_url, Secret(SECRET)), Timeout(3.0, 5.0))
 
     async def two_calls():
         await transport.request_json("POST", "/chat/completions", BODY)  # opens the connection
@@ -291,7 +292,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_resent_once(stub):
 
 
 def test_a_new_connection_closed_unanswered_is_not_resent(stub):
-    transport = AsyncTransport(Endpoint(stub.base_url, SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint(stub.base_url, Secret(SECRET)), Timeout(3.0, 5.0))
     stub.script(Fault(close=True))
     with pytest.raises(lm15.TransportError):
         run(transport.request_json("POST", "/chat/completions", BODY))
@@ -299,7 +300,7 @@ def test_a_new_connection_closed_unanswered_is_not_resent(stub):
 
 
 def test_half_a_body_is_one_request_and_a_transport_error(stub):
-    transport = AsyncTransport(Endpoint(stub.base_url, SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint(stub.base_url, Secret(SECRET)), Timeout(3.0, 5.0))
 
     async def two_calls():
         await transport.request_json("POST", "/chat/completions", BODY)  # a reused connection next
@@ -367,7 +368,7 @@ def test_sessions_of_loops_on_other_threads_are_their_own(transport):
 
 
 def test_pool_size_is_the_connection_limit_per_loop(server):
-    transport = AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 10.0), pool_size=7)
+    transport = AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 10.0), pool_size=7)
 
     async def limits():
         await transport.request_json("POST", "/echo", BODY)
@@ -375,7 +376,7 @@ def test_pool_size_is_the_connection_limit_per_loop(server):
         return connector.limit, connector.limit_per_host
 
     assert run(limits()) == (7, 7)
-    assert AsyncTransport(Endpoint(server.base_url, SECRET), Timeout()).pool_size == C.DEFAULT_POOL_SIZE
+    assert AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout()).pool_size == C.DEFAULT_POOL_SIZE
 
 
 def test_environment_proxy_is_used_with_its_credentials(monkeypatch, server):
@@ -383,7 +384,7 @@ def test_environment_proxy_is_used_with_its_credentials(monkeypatch, server):
     monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{server.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    transport = AsyncTransport(Endpoint("http://api.invalid/v1", SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint("http://api.invalid/v1", Secret(SECRET)), Timeout(3.0, 5.0))
     assert run(transport.request_json("POST", "/echo", BODY)).data["ok"] is True
     import base64
 
@@ -397,7 +398,7 @@ def test_the_key_is_never_sent_to_a_proxy_as_its_credentials(monkeypatch, server
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    transport = AsyncTransport(Endpoint("http://api.invalid/v1", SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint("http://api.invalid/v1", Secret(SECRET)), Timeout(3.0, 5.0))
     run(transport.request_json("POST", "/echo", BODY))
     assert "Proxy-Authorization" not in server.seen[-1]["headers"]
 
@@ -405,7 +406,7 @@ def test_the_key_is_never_sent_to_a_proxy_as_its_credentials(monkeypatch, server
 def test_no_proxy_is_honoured(monkeypatch, server):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    transport = AsyncTransport(Endpoint(server.base_url, SECRET), Timeout(3.0, 5.0))
+    transport = AsyncTransport(Endpoint(server.base_url, Secret(SECRET)), Timeout(3.0, 5.0))
     assert run(transport.request_json("POST", "/echo", BODY)).data["ok"] is True
 
 
@@ -450,7 +451,7 @@ def test_an_https_endpoint_through_a_proxy_sends_only_proxy_credentials_in_the_c
         monkeypatch.setenv("HTTPS_PROXY", f"http://user:pw@127.0.0.1:{proxy.port}")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        transport = AsyncTransport(Endpoint("https://svc.anyscaleuserdata.com/v1", SECRET), Timeout(3.0, 5.0))
+        transport = AsyncTransport(Endpoint("https://svc.anyscaleuserdata.com/v1", Secret(SECRET)), Timeout(3.0, 5.0))
         with pytest.raises(lm15.TransportError):
             run(transport.request_json("POST", "/echo", BODY))
     finally:

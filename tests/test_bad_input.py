@@ -11,6 +11,7 @@ import pytest
 
 from dspy_anyscale import (
     Anyscale,
+    AnyscaleError,
     ConfigurationError,
     InvalidParameterError,
     UnsupportedParameterError,
@@ -120,6 +121,7 @@ def test_a_parameter_of_the_wrong_type_is_refused_naming_it(make_lm, stub, name,
         call(**{name: BAD_VALUES[name]})
     _names_the_parameter(caught, name)
     assert isinstance(caught.value, TypeError) and isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ConfigurationError), "one family for everything passed wrong"
     assert stub.posts() == []
 
 
@@ -177,6 +179,7 @@ CONSTRUCTOR = [
     ({"model": 5}, "model"),
     ({"model": ""}, "model"),
     ({"model": " padded "}, "model"),
+    ({"model": "meta-llama/"}, "model"),
     ({"api_base": 5}, "api_base"),
     ({"api_base": "ftp://host/v1"}, "api_base"),
     ({"api_base": "http://127.0.0.1:70000/v1"}, "port"),
@@ -220,6 +223,28 @@ def test_wrong_constructor_arguments_are_refused_naming_them(stub, kwargs, match
     with pytest.raises(ConfigurationError, match=match) as caught:
         Anyscale(**args)
     assert SECRET not in str(caught.value)
+    assert stub.requests == []
+
+
+FAMILY = [
+    ({"extra_headers": {"X-Team": "a"}}, UnsupportedParameterError),  # a setting given as a generation parameter
+    ({"tools": [{"type": "function"}]}, UnsupportedParameterError),
+    ({"temperature": "hot"}, InvalidParameterError),
+    ({"min_p": {1, 2}}, InvalidParameterError),
+    ({"timeout": None}, ConfigurationError),
+    ({"budget_usd": -1}, ConfigurationError),
+    ({"limits": "cheap"}, ConfigurationError),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "kind"), FAMILY, ids=[next(iter(k)) for k, _ in FAMILY])
+def test_everything_passed_wrong_is_one_family(stub, kwargs, kind):
+    """A setting, a limit or a generation parameter: ``except ConfigurationError`` (a ValueError, an
+    AnyscaleError) catches every wrong argument, and the subclass still says which kind."""
+    with pytest.raises(ConfigurationError) as caught:
+        Anyscale(MODEL, api_base=stub.base_url, api_key=SECRET, **kwargs)
+    assert isinstance(caught.value, kind)
+    assert isinstance(caught.value, AnyscaleError) and isinstance(caught.value, ValueError)
     assert stub.requests == []
 
 

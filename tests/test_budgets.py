@@ -19,6 +19,7 @@ from dspy.utils.exceptions import is_retryable_lm_error
 from dspy_anyscale import ConfigurationError, testing
 from dspy_anyscale.cli import main as cli
 from dspy_anyscale.errors import BudgetExceededError, LimiterDeadlockError, LMError
+from dspy_anyscale.limits import Limits
 from dspy_anyscale.testing import Fault
 
 from .test_limits import DENSE, run_bounded
@@ -152,25 +153,34 @@ def test_refused_calls_are_in_the_usage_log_and_summary(make_lm, tmp_path, capsy
 
 def test_one_429_holds_every_caller(make_lm, stub):
     # Answers take 0.1 s; the scripted 429 comes back at once (a responder is not asked for a fault),
-    # so the cool-down starts before any slot of the first wave is free.
-    answered: list[float] = []
+    # so the cool-down starts while the rest of the first wave is in flight. Lower bounds only: the
+    # limiter guarantees that nothing admitted after the 429 reaches the server before its Retry-After.
+    received: list[float] = []
     plain = stub.responder
 
     def responder(endpoint, body):
+        received.append(time.monotonic())
         time.sleep(0.1)
-        answered.append(time.monotonic())
         return plain(endpoint, body)
 
     stub.responder = responder
     stub.script(Fault(status=429, headers={"Retry-After": "1"}))
     lm = make_lm(max_concurrency=4, cache=False)
-    started = time.monotonic()
+    noted: list[tuple[float, int]] = []
+    note = lm.limiter.note_rate_limited
+
+    def noting(seconds=None):
+        noted.append((time.monotonic(), lm.limiter.in_flight))
+        note(seconds)
+
+    lm.limiter.note_rate_limited = noting
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: lm(f"q{i}"), range(8)))
-    early = [t - started for t in answered if t - started < 0.9]
-    late = [t - started for t in answered if t - started >= 1.0]
-    assert len(early) == 3, "the first wave was already sent when the 429 came back"
-    assert len(late) == 5, "every caller admitted after the 429 waited out its Retry-After"
+        answers = list(pool.map(lambda i: lm(f"q{i}"), range(8)))
+    assert answers == [[f"echo: q{i}"] for i in range(8)]
+    [(at, in_flight)] = noted  # in_flight: the 429's own slot and the rest of the first wave admitted by then
+    during = [t for t in received if t < at + 1.0]
+    assert len(received) == 8, "every caller was answered, the refused one after its retry"
+    assert len(during) <= in_flight - 1 <= 3, "only requests admitted before the 429 reached the server during it"
     assert lm.spending().rate_limited == 1
 
 
@@ -182,6 +192,40 @@ def test_limits_need_prices_and_max_tokens(make_lm):
     for bad in ({"max_concurrency": 0}, {"requests_per_minute": -1}, {"budget_usd": "5"}, {"max_requests": 1.5}):
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             make_lm(**bad)
+
+
+def test_limits_can_be_given_as_one_value(make_lm, stub):
+    lm = make_lm(prices=PRICES, limits=Limits(max_requests=1, max_concurrency=3), cache=False)
+    assert lm.limiter.limits == Limits(max_requests=1, max_concurrency=3)
+    lm("first")
+    with pytest.raises(BudgetExceededError, match="max_requests reached"):
+        lm("second")
+    assert len(stub.posts()) == 1
+    state = lm.dump_state()  # saved as the keywords, which every version takes
+    assert (state["max_requests"], state["max_concurrency"]) == (1, 3) and "limits" not in state
+    assert lm.copy(temperature=0.5).limiter is lm.limiter, "a copy shares the ledger"
+    renewed = lm.copy(limits=Limits(budget_usd=1.0))
+    assert renewed.limiter is not lm.limiter and renewed.limiter.limits == Limits(budget_usd=1.0), "new limits replace"
+
+
+def test_limits_and_the_limit_keywords_together_are_refused_saying_which_to_keep(make_lm):
+    keep_one = r"limits=Limits\(max_requests=2\) and budget_usd=1.0 both set limits: keep one"
+    with pytest.raises(ConfigurationError, match=keep_one):
+        make_lm(prices=PRICES, limits=Limits(max_requests=2), budget_usd=1.0)
+    with pytest.raises(
+        ConfigurationError, match=r"limits must be None or a dspy_anyscale.limits.Limits\(\.\.\.\), got dict"
+    ):
+        make_lm(limits={"budget_usd": 1.0})
+    lm = make_lm(prices=PRICES, budget_usd=1.0)
+    with pytest.raises(ConfigurationError, match="keep one"):
+        lm.copy(limits=Limits(max_requests=2), budget_usd=2.0)
+
+
+def test_limits_given_as_one_value_are_checked_like_the_keywords(make_lm):
+    with pytest.raises(ConfigurationError, match="budget_usd needs prices"):
+        make_lm(model="my-org/unpriced-model", limits=Limits(budget_usd=1.0))
+    with pytest.raises(ConfigurationError, match="max_tokens"):
+        make_lm(prices=PRICES, limits=Limits(tokens_per_minute=1000), max_tokens=None)
 
 
 def test_copies_share_the_ledger_and_saved_state_keeps_the_limits(make_lm):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from dspy_anyscale._config import Timeout, normalize_base_url, resolve_endpoint, resolve_timeout
+import dspy_anyscale
+from dspy_anyscale._config import Endpoint, Timeout, normalize_base_url, resolve_endpoint, resolve_timeout
+from dspy_anyscale._secrets import Secret
 from dspy_anyscale.errors import ConfigurationError, MissingConfigurationError
+
+from .conftest import MODEL, SECRET
 
 BASE = "http://127.0.0.1:9/v1"
 
@@ -23,7 +30,7 @@ def test_explicit_arguments_win_over_environment_and_dotenv(monkeypatch, tmp_pat
     monkeypatch.setenv("ANYSCALE_API_BASE", "http://env/v1")
     monkeypatch.setenv("ANYSCALE_API_KEY", "env-key")
     endpoint = resolve_endpoint("http://arg/v1", "arg-key")
-    assert (endpoint.base_url, endpoint.api_key) == ("http://arg/v1", "arg-key")
+    assert (endpoint.base_url, endpoint.api_key.reveal()) == ("http://arg/v1", "arg-key")
 
 
 def test_environment_wins_over_dotenv(monkeypatch, tmp_path):
@@ -31,7 +38,7 @@ def test_environment_wins_over_dotenv(monkeypatch, tmp_path):
     monkeypatch.setenv("ANYSCALE_API_BASE", "http://env/v1")
     monkeypatch.setenv("ANYSCALE_API_KEY", "env-key")
     endpoint = resolve_endpoint()
-    assert (endpoint.base_url, endpoint.api_key) == ("http://env/v1", "env-key")
+    assert (endpoint.base_url, endpoint.api_key.reveal()) == ("http://env/v1", "env-key")
     assert endpoint.base_url_origin == "ANYSCALE_API_BASE"
 
 
@@ -51,7 +58,7 @@ def test_primary_name_wins_over_alias(monkeypatch):
 def test_dotenv_is_read_from_the_working_directory_without_touching_environ(tmp_path):
     write_env(tmp_path, ANYSCALE_API_BASE="http://dotenv/v1/", ANYSCALE_API_KEY="dotenv-key")
     endpoint = resolve_endpoint()
-    assert (endpoint.base_url, endpoint.api_key) == ("http://dotenv/v1", "dotenv-key")
+    assert (endpoint.base_url, endpoint.api_key.reveal()) == ("http://dotenv/v1", "dotenv-key")
     assert endpoint.api_key_origin == ".env: ANYSCALE_API_KEY"
     assert "ANYSCALE_API_KEY" not in os.environ and "ANYSCALE_API_BASE" not in os.environ
 
@@ -85,7 +92,97 @@ def test_missing_key_names_the_variable_and_the_no_auth_escape():
 
 
 def test_empty_key_means_no_authorization():
-    assert resolve_endpoint(BASE, "").api_key is None
+    key = resolve_endpoint(BASE, "").api_key
+    assert isinstance(key, Secret) and not key and key.reveal() == ""
+
+
+# --- the key in one form: a Secret from where it is read to the Authorization header ------------
+
+PACKAGE = Path(dspy_anyscale.__file__).resolve().parent
+
+
+def _modules() -> Iterator[tuple[str, ast.Module]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE).as_posix(), ast.parse(path.read_text(), str(path))
+
+
+def _functions_calling(tree: ast.Module, method: str) -> set[str]:
+    """The (qualified) names of the functions in ``tree`` that call ``<something>.<method>()``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST, scope: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                inner = f"{scope}.{child.name}" if scope else child.name
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and child.func.attr == method:
+                found.add(scope or "<module>")
+            visit(child, inner)
+
+    visit(tree, "")
+    return found
+
+
+@pytest.mark.parametrize("origin", ["argument", "environment", ".env"])
+def test_the_key_is_a_secret_from_where_it_is_read(monkeypatch, tmp_path, origin):
+    if origin == "environment":
+        monkeypatch.setenv("ANYSCALE_API_KEY", "sk-read-here-1234")
+    elif origin == ".env":
+        write_env(tmp_path, ANYSCALE_API_KEY="sk-read-here-1234")
+    endpoint = resolve_endpoint(BASE, "sk-read-here-1234" if origin == "argument" else None)
+    assert isinstance(endpoint.api_key, Secret) and endpoint.api_key.reveal() == "sk-read-here-1234"
+    assert "sk-read-here-1234" not in repr(endpoint) and "sk-read-here-1234" not in str(endpoint)
+
+
+def test_an_endpoint_refuses_a_bare_key_without_quoting_it():
+    with pytest.raises(TypeError, match=r"Secret\(key\)") as caught:
+        Endpoint(BASE, "sk-bare-key-5678")  # type: ignore[arg-type]
+    assert "sk-bare-key-5678" not in str(caught.value)
+    assert not Endpoint(BASE).api_key, "no key given: an empty Secret, no Authorization header"
+
+
+def test_the_key_is_revealed_only_where_it_is_checked_sent_or_redacted():
+    """One form: no module unwraps the key to carry it on (the old Endpoint held it as a str)."""
+    allowed = {
+        ("_config.py", "check_api_key"),  # its characters are checked, never quoted
+        ("_transport/common.py", "build_headers"),  # the Authorization header: the one place it is sent
+        ("_secrets.py", "redact"),  # the value to remove from error text
+        ("_secrets.py", "Secrets.sent_with"),
+    }
+    revealed = {(name, function) for name, tree in _modules() for function in _functions_calling(tree, "reveal")}
+    assert revealed <= allowed, sorted(revealed - allowed)
+
+
+def test_nothing_outside_the_transport_reads_its_private_attributes():
+    """The engine and the model list use the transport's public ``secrets`` and ``endpoint``."""
+    reached: list[str] = []
+    for name, tree in _modules():
+        if name.startswith("_transport/"):
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            owner = node.value
+            owner_name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+            if owner_name == "transport":
+                reached.append(f"{name}:{node.lineno} transport.{node.attr}")
+    assert reached == []
+
+
+def test_a_copy_that_rebuilds_the_connection_keeps_the_key_or_its_absence(stub):
+    from dspy_anyscale import Anyscale
+
+    keyed = Anyscale(MODEL, api_base=stub.base_url, api_key=SECRET, cache=False)
+    assert keyed.copy(use_chat_api=True)("hi") == ["echo: hi"]
+    assert stub.posts()[-1].headers["Authorization"] == f"Bearer {SECRET}"
+    stub.api_key = None  # a local server without auth
+    try:
+        keyless = Anyscale(MODEL, api_base=stub.base_url, api_key="", cache=False)
+        assert keyless.copy(use_chat_api=True)("hi") == ["echo: hi"]
+        assert "Authorization" not in stub.posts()[-1].headers
+    finally:
+        stub.api_key = SECRET
+        keyed.close()
 
 
 def test_missing_configuration_is_also_dspys_not_configured_error():

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import inspect
 import itertools
 import os
 import pickle
@@ -29,6 +30,8 @@ from dspy_anyscale.errors import ConfigurationError, LimiterDeadlockError
 from dspy_anyscale.limits import (
     NO_PERMIT,
     UNLIMITED,
+    AnyLimiter,
+    AnyPermit,
     BudgetExceededError,
     DetachedLedger,
     Estimate,
@@ -148,6 +151,54 @@ def test_limits_are_off_by_default_and_report_what_is_set():
     }
     assert limits.request_bucket == (1.0, 0.5)  # 30/min: one second's worth is half a request, so 1
     assert limits.token_bucket == (100.0, 100.0)
+
+
+def _conforms(implementation: object, protocol: type) -> None:
+    """``implementation`` has every member of ``protocol``, its methods with the same parameters."""
+    for name, expected in vars(protocol).items():
+        if name.startswith("_") and name not in ("__enter__", "__exit__"):
+            continue
+        assert hasattr(implementation, name), f"{type(implementation).__name__} has no {name}"
+        actual = getattr(type(implementation), name, None)  # a method, or a property (None: an instance attribute)
+        if inspect.isfunction(expected) and inspect.isfunction(actual):
+            assert list(inspect.signature(actual).parameters) == list(inspect.signature(expected).parameters), name
+
+
+def test_a_limiter_and_a_permit_are_one_type_each_whatever_the_limits():
+    """Limiter and the no-op UNLIMITED are both an AnyLimiter (what the engine, the LM and Ray take);
+    a Permit and NO_PERMIT are both an AnyPermit: the same members, the same parameters."""
+    limiter = Limiter(Limits(max_concurrency=1))
+    for implementation in (limiter, UNLIMITED):
+        _conforms(implementation, AnyLimiter)
+    with limiter.acquire() as permit:
+        for implementation in (permit, NO_PERMIT):
+            _conforms(implementation, AnyPermit)
+
+
+def test_permit_and_limiter_do_not_import_each_other():
+    """The Permit reports to a PermitOwner protocol defined beside it; it never imports the limiter."""
+    import ast
+
+    import dspy_anyscale.limits._permit as permit_module
+
+    source = ast.parse(inspect.getsource(permit_module))
+    imported = {node.module for node in ast.walk(source) if isinstance(node, ast.ImportFrom)}
+    assert not {"_limiter", "_unlimited", "_protocol"} & imported, imported
+
+
+def test_wrong_arguments_to_the_limiter_are_configuration_errors():
+    with pytest.raises(ConfigurationError, match="Limiter needs a Limits"):
+        Limiter({"budget_usd": 1.0})
+    with pytest.raises(ConfigurationError, match="timeout must be a non-negative number"):
+        Limiter(Limits(max_concurrency=1)).acquire(timeout=-1)
+    with pytest.raises(ConfigurationError, match=r"Estimate\.prompt_tokens must be a non-negative integer") as caught:
+        Estimate(prompt_tokens=-1)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_limits_describe_themselves_for_messages():
+    assert Limits(budget_usd=5.0, max_requests=10).describe() == "budget_usd=5.0, max_requests=10"
+    assert Limits().describe() == ""
 
 
 def test_nothing_configured_gives_the_no_op_limiter():

@@ -1,9 +1,11 @@
-"""Limits for a whole Ray job (budget_usd, max_requests, ...) on a local Ray (2 CPUs) against the stub:
-one ledger in one Ray actor for every worker, refused rows reported as errors and never sent."""
+"""Limits for a whole Ray job (limits=Limits(budget_usd=..., max_requests=...)) on a local Ray (2 CPUs)
+against the stub: one ledger in one Ray actor for every worker, refused rows reported as errors and
+never sent."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import dspy
 import pytest
@@ -12,6 +14,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 
 from dspy_anyscale import Anyscale  # noqa: E402
 from dspy_anyscale.errors import BudgetExceededError, ConfigurationError  # noqa: E402
+from dspy_anyscale.limits import Limits  # noqa: E402
 
 from .conftest import MODEL, SECRET  # noqa: E402
 from .test_ray import exact, examples, no_ray_work, start_local_ray  # noqa: E402, F401 (no_ray_work: a fixture)
@@ -75,7 +78,7 @@ def test_a_job_budget_holds_across_4_actors_and_the_job_stops_sending(local_ray,
         concurrency=4,
         threads_per_actor=2,
         batch_size=5,
-        budget_usd=budget,
+        limits=Limits(budget_usd=budget),
     )
     rows = results.take_all()
     answered, refused = answered_and_refused(rows, stub)
@@ -128,13 +131,13 @@ def _runs_with_limits_of_their_own(pool, stub):
     from dspy_anyscale.ray import evaluate, run_program, summarize_run
 
     program = dspy.Predict("question -> answer")
-    rows = run_program(program, examples(40), pool=pool, max_requests=7, batch_size=4).take_all()
+    rows = run_program(program, examples(40), pool=pool, limits=Limits(max_requests=7), batch_size=4).take_all()
     answered, refused = answered_and_refused(rows, stub)
     assert len(answered) == 7, "max_requests is exact across the pool's four workers"
 
     stub.reset()
     budget = 0.01
-    score, results = evaluate(program, examples(40), exact, pool=pool, budget_usd=budget, batch_size=4)
+    score, results = evaluate(program, examples(40), exact, pool=pool, limits=Limits(budget_usd=budget), batch_size=4)
     rows = results.take_all()
     answered, refused = answered_and_refused(rows, stub)
     assert answered and refused and cost(answered) <= budget
@@ -150,7 +153,7 @@ def _runs_with_limits_of_their_own(pool, stub):
             return self.second(answer=self.first(question=question).answer)
 
     stub.reset()
-    [row] = run_program(TwoCalls(), examples(1), pool=pool, max_requests=1).take_all()
+    [row] = run_program(TwoCalls(), examples(1), pool=pool, limits=Limits(max_requests=1)).take_all()
     assert row["error"].startswith(REFUSED + "max_requests reached") and len(stub.posts()) == 1
     assert row["prompt_tokens"] > 0 and row["cost_usd"] > 0, "a row refused half-way reports what was billed"
 
@@ -165,7 +168,7 @@ def test_a_pool_budget_spans_its_runs(local_ray, lm, stub):
 
     budget = 0.02
     program = dspy.Predict("question -> answer")
-    with small_pool(lm, budget_usd=budget) as pool:
+    with small_pool(lm, limits=Limits(budget_usd=budget)) as pool:
         first = run_program(program, examples(8), pool=pool).take_all()
         assert all(row["error"] is None for row in first), "8 answers fit: about $0.009 of $0.02"
         # A budget per run would answer about 17 of these; the pool's budget has about 10 left.
@@ -177,7 +180,7 @@ def test_a_pool_budget_spans_its_runs(local_ray, lm, stub):
         with pytest.raises(
             ConfigurationError, match=r"max_requests: a run on this pool .* the pool's \(budget_usd=0.02\)"
         ):
-            run_program(program, examples(2), pool=pool, max_requests=1)
+            run_program(program, examples(2), pool=pool, limits=Limits(max_requests=1))
     assert pool.spending() == spending, "the pool's last report outlives it"
     assert not lm.limiter.enabled
 
@@ -197,7 +200,7 @@ def test_a_pool_on_an_lm_with_its_own_budget_shares_the_lms_ledger(local_ray, st
             spending = lm.spending()
             assert refused and spending.spent_usd == pytest.approx(cost(answered)) and spending.spent_usd <= budget
             with pytest.raises(ConfigurationError, match=r"budget_usd: .*the pool's lm's .*ProgramPool\(lm=lm.copy"):
-                run_program(program, examples(2), pool=pool, budget_usd=1.0)
+                run_program(program, examples(2), pool=pool, limits=Limits(budget_usd=1.0))
         assert lm.spending().requests == len(answered), "the LM's ledger stays with the LM after close()"
         assert type(lm.limiter.backend).__name__ == "LocalLedger", "close() brought it home, counts and all"
     finally:
@@ -299,7 +302,6 @@ BAD_LIMITS = [
     ({"requests_per_minute": -1}, "requests_per_minute must be a positive number"),
     ({"tokens_per_minute": "many"}, "tokens_per_minute must be a positive number"),
     ({"max_concurrency": 0}, "max_concurrency must be a positive integer"),
-    ({"max_concurrency": 4}, r"max_concurrency=4: .* cannot hold it.*concurrency x threads_per_actor"),
 ]
 ENTRY_POINTS = ["run_program", "evaluate", "ProgramPool"]
 
@@ -315,14 +317,72 @@ def call(entry: str, lm, **options):
     return ProgramPool(lm=lm, **options)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"), BAD_LIMITS, ids=[f"{k}={v!r}" for b, _ in BAD_LIMITS for k, v in b.items()]
+)
+def test_bad_limits_are_refused_by_limits_itself(bad, message):
+    with pytest.raises(ConfigurationError, match=message):
+        Limits(**bad)
+
+
+@pytest.mark.usefixtures("no_ray_work")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_concurrency_limit_is_refused_for_a_job_before_any_ray_work(entry, lm):
+    message = r"max_concurrency=4: .* cannot hold it.*concurrency x threads_per_actor"
+    with pytest.raises(ConfigurationError, match=message):
+        call(entry, lm, limits=Limits(max_concurrency=4))
+
+
 @pytest.mark.usefixtures("no_ray_work")
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize(
     ("bad", "message"), BAD_LIMITS, ids=[f"{k}={v!r}" for b, _ in BAD_LIMITS for k, v in b.items()]
 )
-def test_bad_limits_are_refused_before_any_ray_work(entry, bad, message, lm):
-    with pytest.raises(ConfigurationError, match=message):
+def test_the_old_limit_keywords_warn_and_are_checked_by_limits_before_any_ray_work(entry, bad, message, lm):
+    (name, value), *_ = bad.items()
+    spelled = (
+        re.escape(f"{entry}({name}={value!r})")
+        + " is deprecated .* pass "
+        + re.escape(f"limits=Limits({name}={value!r})")
+    )
+    with pytest.warns(DeprecationWarning, match=spelled) as warned, pytest.raises(ConfigurationError, match=message):
         call(entry, lm, **bad)
+    assert all(w.filename == __file__ for w in warned), "the warning points at the caller's line"
+
+
+@pytest.mark.usefixtures("no_ray_work")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_an_old_limit_keyword_still_sets_the_limit(entry, lm):
+    """The deprecated spelling means what limits=Limits(...) means (here: a limit a job refuses)."""
+    refused = r"max_concurrency=4: .* cannot hold"
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigurationError, match=refused):
+        call(entry, lm, max_concurrency=4)
+
+
+@pytest.mark.usefixtures("no_ray_work")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_limits_and_an_old_keyword_together_are_refused_saying_which_to_keep(entry, lm):
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ConfigurationError, match=r"both set limits: keep one, either limits=Limits\(\.\.\.\)"),
+    ):
+        call(entry, lm, limits=Limits(budget_usd=1.0), max_requests=3)
+
+
+@pytest.mark.usefixtures("no_ray_work")
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_limits_must_be_a_limits(entry, lm):
+    with pytest.raises(
+        ConfigurationError, match=r"limits must be None or a dspy_anyscale.limits.Limits\(\.\.\.\), got dict"
+    ):
+        call(entry, lm, limits={"budget_usd": 1.0})
+
+
+@pytest.mark.usefixtures("no_ray_work")
+@pytest.mark.parametrize("entry", ["run_program", "ProgramPool"])
+def test_an_unknown_keyword_is_a_type_error_naming_it(entry, lm):
+    with pytest.raises(TypeError, match=rf"{entry}\(\) got an unexpected keyword argument 'budget'"):
+        call(entry, lm, budget=1.0)
 
 
 @pytest.mark.usefixtures("no_ray_work")
@@ -330,13 +390,13 @@ def test_bad_limits_are_refused_before_any_ray_work(entry, bad, message, lm):
 def test_limits_that_cannot_hold_are_refused_before_any_ray_work(entry, stub):
     unpriced = Anyscale("my-org/unpriced-model", api_base=stub.base_url, api_key=SECRET, max_tokens=50)
     with pytest.raises(ConfigurationError, match=r"budget_usd needs prices.*'my-org/unpriced-model' has none"):
-        call(entry, unpriced, budget_usd=1.0)
+        call(entry, unpriced, limits=Limits(budget_usd=1.0))
     unbounded = Anyscale(MODEL, api_base=stub.base_url, api_key=SECRET, prices=PRICES, max_tokens=None)
     with pytest.raises(ConfigurationError, match=r"tokens_per_minute: .*max_tokens=None"):
-        call(entry, unbounded, tokens_per_minute=10_000)
+        call(entry, unbounded, limits=Limits(tokens_per_minute=10_000))
     own = priced_lm(stub.base_url, budget_usd=5.0, requests_per_minute=600)
     with pytest.raises(
         ConfigurationError, match=r"max_requests: .*the lm's \(requests_per_minute=600, budget_usd=5.0\)"
     ):
-        call(entry, own, max_requests=10)
+        call(entry, own, limits=Limits(max_requests=10))
     assert type(own.limiter.backend).__name__ == "LocalLedger", "a refused job leaves the LM's ledger where it was"

@@ -21,7 +21,6 @@ from .._config import Endpoint, Timeout
 from . import fork
 from .common import (
     JsonReply,
-    Secret,
     Secrets,
     StreamReply,
     Translator,
@@ -73,7 +72,8 @@ class _SessionFactory:
 
 
 class AsyncTransport:
-    """Async twin of :class:`SyncTransport`: one pooled session per running event loop.
+    """Async twin of :class:`SyncTransport`: one pooled session per running event loop; the
+    endpoint's key is revealed only in its headers, ``secrets`` is what to redact.
 
     ``pool_size`` is the most connections open at once to the endpoint, per event loop
     (aiohttp's ``limit`` and ``limit_per_host``): calls beyond it wait for a free connection.
@@ -91,11 +91,10 @@ class AsyncTransport:
         self.endpoint = endpoint
         self.timeout = timeout
         self.pool_size = pool_size
-        self._secret = Secret(endpoint.api_key or "")
         # Every secret value sent (the key, secret header values): redacted from every error's text.
-        self._secrets = Secrets.sent_with(self._secret, headers)
-        self._translator = Translator(timeout, self._secrets)
-        self._factory = _SessionFactory(endpoint, timeout, build_headers(self._secret, headers), pool_size)
+        self.secrets = Secrets.sent_with(endpoint.api_key, headers)
+        self._translator = Translator(timeout, self.secrets)
+        self._factory = _SessionFactory(endpoint, timeout, build_headers(endpoint.api_key, headers), pool_size)
         self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(self._factory, _close_session, _abandon_session)
         # A transport nobody closes: running loops close its sessions when they end, stopped ones let go.
         weakref.finalize(self, self._sessions.release)

@@ -1,9 +1,10 @@
 """What the sync and async HTTP stacks share, so that each of them only does I/O.
 
-Headers, the replies handed to the engine, status and body checks, the translation of a failure
-into a ``dspy.lm15`` error (one message per kind, the same ``METHOD URL`` wording, redaction),
-the rule for resending a request on a stale kept-alive connection, and the scrubbing that keeps
-the API key out of the frames of a failed request. No I/O here.
+The :class:`Transport` protocols the engines are typed against, headers, the replies handed to
+the engine, status and body checks, the translation of a failure into a ``dspy.lm15`` error (one
+message per kind, the same ``METHOD URL`` wording, redaction), the rule for resending a request on
+a stale kept-alive connection, and the scrubbing that keeps the API key out of the frames of a
+failed request. No I/O here.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from dspy import lm15
 
 from .. import _constants as C
-from .._config import Timeout
+from .._config import Endpoint, Timeout
 from .._http_errors import error_for_status, unexpected_body
 from .._secrets import Secret, Secrets, is_secret_header, redact  # a Secret's repr and str say ***
 from .wording import explain
@@ -38,12 +40,6 @@ class HiddenHeaderValue(str):
 
     def __repr__(self) -> str:
         return "'***'"
-
-
-def reveal(secret: Secret | str | None) -> str | None:
-    """The key itself, for the one place that needs it (the header) and for typed callees."""
-    value = secret.reveal() if isinstance(secret, Secret) else secret
-    return value or None
 
 
 @dataclass(frozen=True)
@@ -65,8 +61,47 @@ class JsonReply:
     elapsed: float
 
 
-def build_headers(api_key: Secret | str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The headers of every request. Both stacks send exactly these (compression included)."""
+class Transport(Protocol):
+    """What every transport is, sync or async: where it sends, with which limits and pool, and
+    which secret values it sends (for redacting them from text that quotes the server).
+
+    The engine's shared code is typed against this; :class:`BlockingTransport` and
+    :class:`AwaitableTransport` add the I/O of each side. ``SyncTransport`` and
+    ``AsyncTransport`` satisfy them structurally, as would a test double.
+    """
+
+    @property
+    def endpoint(self) -> Endpoint: ...
+    @property
+    def timeout(self) -> Timeout: ...
+    @property
+    def pool_size(self) -> int: ...
+    @property
+    def secrets(self) -> Secrets: ...
+
+
+class BlockingTransport(Transport, Protocol):
+    """A transport whose calls block the calling thread (``SyncTransport``)."""
+
+    def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply: ...
+    def stream(self, path: str, payload: Mapping[str, Any]) -> AbstractContextManager[StreamReply]: ...
+    def close(self) -> None: ...
+
+
+class AwaitableTransport(Transport, Protocol):
+    """A transport whose calls are awaited on the caller's event loop (``AsyncTransport``)."""
+
+    async def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply: ...
+    def stream(self, path: str, payload: Mapping[str, Any]) -> AbstractAsyncContextManager[StreamReply]: ...
+    async def aclose(self) -> None: ...
+
+
+def build_headers(api_key: Secret, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers of every request. Both stacks send exactly these (compression included).
+
+    The one place the key is revealed: into the ``Authorization`` value, itself masked in reprs.
+    An empty key sends no ``Authorization`` (a local server without auth).
+    """
     headers = {
         "Content-Type": "application/json",
         "Accept": "application/json",
@@ -74,8 +109,8 @@ def build_headers(api_key: Secret | str | None, extra: Mapping[str, str] | None 
         "Accept-Encoding": "gzip, deflate",
         "User-Agent": C.USER_AGENT,
     }
-    if reveal(api_key):
-        headers["Authorization"] = HiddenHeaderValue(f"Bearer {reveal(api_key)}")
+    if api_key:
+        headers["Authorization"] = HiddenHeaderValue(f"Bearer {api_key.reveal()}")
     for name, value in (extra or {}).items():
         headers[name] = HiddenHeaderValue(value) if is_secret_header(name, value) else value
     return headers
@@ -143,15 +178,15 @@ class Translator:
     pass only the failure, the request line and the exception.
     """
 
-    __slots__ = ("_secret", "_timeout")
+    __slots__ = ("_secrets", "_timeout")
 
-    def __init__(self, timeout: Timeout, secret: Secrets) -> None:
+    def __init__(self, timeout: Timeout, secrets: Secrets) -> None:
         self._timeout = timeout
-        self._secret = secret
+        self._secrets = secrets
 
     def failure(self, kind: Failure, method: str, url: str, exc: BaseException) -> lm15.LM15Error:
         where = f"{method} {url}"
-        detail = redact(describe(exc, url), self._secret)
+        detail = redact(describe(exc, url), self._secrets)
         scrub_frames(exc)
         if kind is Failure.CONNECT_TIMEOUT or kind is Failure.READ_TIMEOUT:
             limit = self._timeout.connect if kind is Failure.CONNECT_TIMEOUT else self._timeout.read
@@ -164,18 +199,18 @@ class Translator:
 
     def json(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> dict[str, Any]:
         try:
-            return parse_json_body(status, body, headers, url=url, secret=self._secret, method=method)
+            return parse_json_body(status, body, headers, url=url, secret=self._secrets, method=method)
         except Exception:
             del body  # error reporters record frame locals: the raw answer may quote a secret
             raise
 
     def status(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> lm15.LM15Error:
         """The error for a non-2xx answer (``headers`` case-insensitive)."""
-        return error_for_status(status, body, headers, url=url, secret=self._secret, method=method)
+        return error_for_status(status, body, headers, url=url, secret=self._secrets, method=method)
 
     def not_a_stream(self, status: int, body: bytes, method: str, url: str) -> Exception:
         """A streamed request answered with one JSON document (a server that ignored ``stream``)."""
-        return unexpected_body(url, status, body, "Expected an event stream", self._secret, method)
+        return unexpected_body(url, status, body, "Expected an event stream", self._secrets, method)
 
 
 def describe(exc: BaseException, url: str) -> str:

@@ -1,14 +1,37 @@
 """The sync HTTP stack: ``requests``' ``HTTPAdapter`` over urllib3, pooled, thread-safe.
 
-The fast path skips ``requests.Session.request`` (cookie jars, netrc lookups, re-reading proxy
-variables and re-parsing the URL on every call) and hands a pre-built ``PreparedRequest``
-straight to ``HTTPAdapter.send``; going through the adapter keeps ``responses``-based tests
-valid. The connections below the adapter are ours (``urllib3_stack``).
+Every request goes through ``HTTPAdapter.send`` (requests' documented way to send a
+``PreparedRequest``), so ``responses``-based tests apply unchanged. ``requests.Session`` is left
+out on purpose: per request it merges cookie jars, looks up ``.netrc`` and re-reads the proxy
+variables, none of which an API client with one base URL wants (the environment is read once,
+by :mod:`.env`).
+
+Public API only, so that a new Python, requests or urllib3 cannot break it silently:
+
+- requests: ``HTTPAdapter(pool_connections=, pool_maxsize=, max_retries=)`` and ``send``; four
+  of the hooks its API reference documents "for use when subclassing the HTTPAdapter"
+  (``init_poolmanager``, ``proxy_manager_for``, ``get_connection_with_tls_context``,
+  ``request_url``), each overridden to call the original (see :class:`_Adapter`);
+  ``PreparedRequest.prepare`` and its documented ``method``/``url``/``headers``/``body``
+  attributes; ``Response.raw``, ``headers``, ``iter_content`` and ``close``; requests' exceptions.
+- urllib3: ``HTTPResponse.read(decode_content=True)`` and the connection classes of
+  :mod:`.urllib3_stack` (documented methods only).
+
+The stale keep-alive resend (:func:`.common.may_resend`: once, at once, only for a failure before
+any response byte on a connection that had carried an earlier request) is decided here, with
+urllib3 told not to retry at all (``max_retries=0``). urllib3's own ``Retry`` cannot say it: its
+``read`` retries also fire after a read timeout (the server was generating) and on a brand-new
+connection, and it does not know whether a connection was reused. That fact comes from
+:mod:`.urllib3_stack`, whose connections count the requests sent on each socket.
+
+What the stock classes cost per call beyond that stays (a second ``send`` for the body, the
+``email`` package parsing each response head, a cookie jar per response): with the memoised pool
+lookup, one sync call stays at or below DSPy's native route (``benchmarks/overhead.py``), and the
+rest was not worth copying or calling private code of requests, urllib3 or ``http.client``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -19,6 +42,7 @@ from typing import Any, NamedTuple
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, PoolManager
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
@@ -28,7 +52,6 @@ from . import fork, urllib3_stack
 from .common import (
     Failure,
     JsonReply,
-    Secret,
     Secrets,
     StreamReply,
     Translator,
@@ -51,101 +74,59 @@ _INVALID_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchem
 # --- the adapter -------------------------------------------------------------------------------
 
 
-class _OneHostAdapter(HTTPAdapter):
-    """An ``HTTPAdapter`` for a client that only ever talks to one base URL.
+class _Adapter(HTTPAdapter):
+    """requests' adapter, its pools built from :mod:`.urllib3_stack`'s connection classes.
 
-    ``send`` is the base class's (so ``responses`` mocks still apply); per-request work that
-    gives the same answer for every request is done once: the connection-pool lookup and the
-    request path (parsing the URL each time; memoised per URL when no proxy is involved) and the
-    CA-bundle checks. No cookies are extracted (an API client keeps no cookie jar). Every pool
-    handed out is remembered, to drop it after a fork.
+    ``send`` is requests' own. Four of the hooks requests documents for subclasses are
+    overridden, each around the original: the two that create pool managers, to name the pool
+    classes; and the two that answer the same for every request to one URL without a proxy (the
+    connection pool, found by building and hashing a pool key; the request path, found by
+    parsing the URL), memoised per URL: together about a tenth of the transport's time per call.
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        self._pools: dict[str, Any] = {}
-        self._paths: dict[str, str] = {}
-        self._verified: set[tuple[Any, ...]] = set()
-        self.handed_out: dict[int, Any] = {}
+        self._memoised_pools: dict[str, HTTPConnectionPool] = {}
+        self._memoised_paths: dict[str, str] = {}
         super().__init__(**kwargs)
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str,
+        proxies: dict[str, str] | None = None,
+        cert: Any = None,
+    ) -> HTTPConnectionPool:
+        if proxies:  # through a proxy manager: left to requests every time
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        url = request.url or ""
+        pool = self._memoised_pools.get(url)
+        if pool is None:  # one host, one pool (pool_connections=1): never evicted while the adapter lives
+            pool = self._memoised_pools[url] = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        return pool
+
+    def request_url(self, request: requests.PreparedRequest, proxies: dict[str, str] | None) -> str:
+        if proxies:
+            return super().request_url(request, proxies)
+        url = request.url or ""
+        path = self._memoised_paths.get(url)
+        if path is None:
+            path = self._memoised_paths[url] = super().request_url(request, proxies)
+        return path
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
         self.poolmanager.pool_classes_by_scheme = urllib3_stack.POOL_CLASSES
 
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        manager: PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
         if not proxy.lower().startswith("socks"):  # SOCKS managers bring their own connection classes
             manager.pool_classes_by_scheme = urllib3_stack.POOL_CLASSES
         return manager
 
-    def get_connection_with_tls_context(
-        self, request: requests.PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
-    ) -> Any:
-        pool: Any
-        if proxies:
-            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            self.handed_out[id(pool)] = pool
-            return pool
-        pool = self._pools.get(request.url or "")
-        if pool is None:
-            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            self._pools[request.url or ""] = self.handed_out[id(pool)] = pool
-        return pool
 
-    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
-        if proxies:
-            return super().request_url(request, proxies)
-        path = self._paths.get(request.url or "")
-        if path is None:  # parsing the URL twice per request, for the same URL every time
-            path = self._paths[request.url or ""] = super().request_url(request, proxies)
-        return path
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        # What it sets on the pool depends on these alone; it would stat() the CA bundle per request.
-        key = (id(conn), url[:8].lower() == "https://", verify, cert)
-        if key not in self._verified:
-            super().cert_verify(conn, url, verify, cert)
-            self._verified.add(key)
-
-    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        # urllib3's header dict is already case-insensitive; bodies are bytes here, never decoded text.
-        response.headers = resp.headers
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url or ""
-        response.request = req
-        response.connection = self
-        return response
-
-
-def _forget_inherited(adapter: _OneHostAdapter) -> None:
-    """In a forked child: let go of the parent's pooled sockets without a byte sent on them.
-
-    Closing a socket inherited through ``fork`` only releases the child's descriptor; the parent's
-    connection stays open. The pool's lock is not taken: a parent thread may have held it at the
-    fork, and it would never be released in the child.
-    """
-    for pool in list(adapter.handed_out.values()):
-        for conn in list(getattr(pool.pool, "queue", None) or ()):
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-
-class _Template(NamedTuple):
-    """A request line and its headers, prepared once per (method, path)."""
-
-    method: str
-    url: str
-    headers: Any  # a plain dict: requests merged the headers case-insensitively; a copy takes 0.1 µs
-
-    @classmethod
-    def of(cls, method: str, url: str, headers: Mapping[str, str]) -> _Template:
-        prepared = requests.PreparedRequest()
-        prepared.prepare(method=method, url=url, headers=headers)
-        return cls(prepared.method or method, prepared.url or url, dict(prepared.headers.items()))
+def _new_adapter(pool_size: int) -> _Adapter:
+    # No retries below us: the stale-connection resend is ours (may_resend), every other retry DSPy's.
+    return _Adapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
 
 
 class _AdapterSlot:
@@ -153,15 +134,37 @@ class _AdapterSlot:
 
     __slots__ = ("adapter",)
 
-    def __init__(self, adapter: _OneHostAdapter) -> None:
+    def __init__(self, adapter: _Adapter) -> None:
         self.adapter = adapter
 
     def close(self) -> None:
         self.adapter.close()
 
 
-def _new_adapter(pool_size: int) -> _OneHostAdapter:
-    return _OneHostAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+class _Template(NamedTuple):
+    """A request line and its headers, prepared by requests once per (method, path)."""
+
+    method: str
+    url: str
+    headers: dict[str, str | bytes]  # a plain dict: requests merged the headers case-insensitively once
+
+    @classmethod
+    def of(cls, method: str, url: str, headers: Mapping[str, str]) -> _Template:
+        prepared = requests.PreparedRequest()
+        prepared.prepare(method=method, url=url, headers=headers)
+        return cls(prepared.method or method, prepared.url or url, dict(prepared.headers.items()))
+
+    def request(self, body: bytes | None) -> requests.PreparedRequest:
+        """A request for ``body``, its documented attributes set from the template: preparing the
+        same URL and headers again would re-parse and re-validate them on every call."""
+        request = requests.PreparedRequest()
+        request.method, request.url = self.method, self.url
+        headers = self.headers.copy()
+        if body is not None:
+            request.body = body
+            headers["Content-Length"] = str(len(body))
+        request.headers = headers  # type: ignore[assignment]  # annotated CaseInsensitiveDict; send takes any mapping
+        return request
 
 
 # --- failures ----------------------------------------------------------------------------------
@@ -204,10 +207,12 @@ def _closed_before_response(exc: BaseException) -> bool:
 
 
 class SyncTransport:
-    """Thread-safe, pooled HTTP to one base URL. The API key lives here and nowhere else.
+    """Thread-safe, pooled HTTP to one base URL; the endpoint's key is revealed only in its headers.
 
     ``pool_size`` is the number of connections kept open for reuse (requests' ``pool_maxsize``):
     more threads than that still run at once, each extra one on a connection closed after use.
+    ``secrets`` is every secret value this transport sends (the key, secret header values), for
+    redacting them from any text that quotes the server.
     """
 
     def __init__(
@@ -221,11 +226,9 @@ class SyncTransport:
         self.endpoint = endpoint
         self.timeout = timeout
         self.pool_size = pool_size
-        self._secret = Secret(endpoint.api_key or "")
-        # Every secret value sent (the key, secret header values): redacted from every error's text.
-        self._secrets = Secrets.sent_with(self._secret, headers)
-        self._translator = Translator(timeout, self._secrets)
-        self._headers = build_headers(self._secret, headers)
+        self.secrets = Secrets.sent_with(endpoint.api_key, headers)
+        self._translator = Translator(timeout, self.secrets)
+        self._headers = build_headers(endpoint.api_key, headers)
         environment = read_environment(endpoint.base_url)
         self._proxies = environment.proxies
         self._verify = environment.verify
@@ -239,20 +242,15 @@ class SyncTransport:
     def __repr__(self) -> str:
         return f"SyncTransport(base_url={self.endpoint.base_url!r})"
 
-    def _prepared(self, method: str, path: str, body: bytes | None) -> requests.PreparedRequest:
+    def _prepare(self, method: str, path: str, body: bytes | None) -> requests.PreparedRequest:
         template = self._templates.get((method, path))
         if template is None:
-            template = self._templates[(method, path)] = _Template.of(method, self.endpoint.url(path), self._headers)
-        # Built by hand rather than PreparedRequest.copy(), which copies a cookie jar and re-keys a
-        # case-insensitive dict on every call.
-        request = requests.PreparedRequest()
-        request.method, request.url = template.method, template.url
-        headers = template.headers.copy()
-        if body is not None:
-            request.body = body
-            headers["Content-Length"] = str(len(body))
-        request.headers = headers
-        return request
+            try:
+                template = _Template.of(method, self.endpoint.url(path), self._headers)
+            except requests.RequestException as exc:  # a base URL requests cannot parse
+                raise self._translator.failure(_classify(exc), method, self.endpoint.url(path), exc) from exc
+            self._templates[(method, path)] = template
+        return template.request(body)
 
     def _send(self, prepared: requests.PreparedRequest, *, stream: bool) -> requests.Response:
         for attempt in (0, 1):
@@ -262,8 +260,7 @@ class SyncTransport:
                     prepared, stream=stream, timeout=self._timeouts, verify=self._verify, proxies=self._proxies
                 )
             except requests.ConnectionError as exc:
-                fresh = urllib3_stack.sent_on_fresh_socket()
-                reused = None if fresh is None else not fresh
+                reused = urllib3_stack.last_send_reused()
                 if may_resend(attempt, reused=reused, closed_before_response=_closed_before_response(exc)):
                     logger.debug("resending %s on a fresh connection after a stale keep-alive one", prepared.url)
                     continue
@@ -272,22 +269,17 @@ class SyncTransport:
                 raise self._failure(exc, prepared) from exc
         raise AssertionError("unreachable")
 
-    def _failure(self, exc: requests.RequestException, prepared: requests.PreparedRequest) -> Exception:
-        return self._translator.failure(_classify(exc), prepared.method or "POST", prepared.url or "", exc)
-
-    def _prepare(self, method: str, path: str, body: bytes | None) -> requests.PreparedRequest:
-        try:
-            return self._prepared(method, path, body)
-        except requests.RequestException as exc:  # a base URL requests cannot parse
-            raise self._translator.failure(_classify(exc), method, self.endpoint.url(path), exc) from exc
+    def _failure(self, exc: BaseException, prepared: requests.PreparedRequest) -> Exception:
+        kind = _classify(exc) if isinstance(exc, requests.RequestException) else _read_failure(exc)
+        return self._translator.failure(kind, prepared.method or "POST", prepared.url or "", exc)
 
     def _read(self, response: requests.Response, prepared: requests.PreparedRequest) -> bytes:
-        """The whole body, decompressed; urllib3's own read, without requests' chunk generator."""
+        """The whole body, decompressed: urllib3's documented read, without requests' chunk generator."""
         try:
-            return response.raw.read(decode_content=True)
+            body: bytes = response.raw.read(decode_content=True)
         except (Urllib3Error, OSError) as exc:
-            kind = Failure.READ_TIMEOUT if isinstance(exc, ReadTimeoutError | TimeoutError) else Failure.TRANSPORT
-            raise self._translator.failure(kind, prepared.method or "POST", prepared.url or "", exc) from exc
+            raise self._failure(exc, prepared) from exc
+        return body
 
     def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply:
         body = orjson.dumps(payload) if payload is not None else None
@@ -329,5 +321,11 @@ class SyncTransport:
         self._slot.close()
 
     def _after_fork_in_child(self) -> None:
-        inherited, self._slot.adapter = self._slot.adapter, _new_adapter(self.pool_size)
-        _forget_inherited(inherited)
+        # The inherited adapter is dropped unused; its sockets are the parent's (closed here for the child only).
+        self._slot.adapter = _new_adapter(self.pool_size)
+        urllib3_stack.close_inherited()
+
+
+def _read_failure(exc: BaseException) -> Failure:
+    """A body that stopped coming: the read timeout, or the connection's failure."""
+    return Failure.READ_TIMEOUT if isinstance(exc, ReadTimeoutError | TimeoutError) else Failure.TRANSPORT

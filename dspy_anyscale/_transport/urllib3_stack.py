@@ -1,189 +1,87 @@
-"""Below requests' adapter: urllib3 connections tuned for an API client that sends one small JSON
-request at a time.
+"""Below requests' adapter: urllib3's own connections, subclassed only to learn two facts.
 
-Three per-request costs of the stock classes are cut, and one fact is recorded:
+Nothing here changes what goes on the wire or how an answer is read: requests and urllib3 do
+all of that with their own code. The subclasses record
 
-- the request head and a bytes body leave in one ``send`` (one syscall and one packet instead of
-  two, and the server is not woken up between them);
-- header lines repeated from the connection's previous requests are reused as validated bytes;
-- the response head is parsed without the ``email`` package (http.client builds a MIME parser
-  for every response: ~40 µs); anything unusual (folded lines, malformed names) still goes
-  through the stock parser, so the result is the same ``HTTPMessage``;
-- each connection records whether it is carrying its first request on its socket, which decides
-  whether a failure may be a stale kept-alive connection (``sent_on_fresh_socket``).
+- whether a request went out on a socket that had already carried an earlier request (a pooled
+  keep-alive connection), which decides whether a failure may be a stale connection the server
+  had closed (:func:`last_send_reused`, read by the transport's resend rule); and
+- every connection that opened a socket in this process, so that a forked child can release its
+  copies of them without sending a byte (:func:`close_inherited`).
+
+Only documented urllib3 API is used, so a new Python or urllib3 cannot change it silently:
+``HTTPConnection.connect()`` and ``HTTPConnection.request()`` are overridden to call the
+original and count around it; ``HTTPConnection.is_closed`` (whether there is a socket) and
+``close()`` are read and called; ``HTTPConnectionPool.ConnectionCls`` (a documented class
+attribute) names our classes; and the transport hands the pool classes to urllib3's
+``PoolManager.pool_classes_by_scheme`` from requests' documented ``init_poolmanager`` and
+``proxy_manager_for`` hooks. No underscored name of urllib3, requests or ``http.client`` is
+read, called or copied.
 """
 
 from __future__ import annotations
 
-import email.parser
-import http.client
-import re
+import contextlib
 import threading
+import weakref
 from typing import Any
 
 import urllib3
-from urllib3.util import SKIP_HEADER
-
-# http.client's own limits (unchanged from 3.10 to 3.13).
-_MAXLINE = 65536
-_MAXHEADERS = 100
-# A header line the email parser would read exactly like this: a token, a colon, a value.
-_SIMPLE_HEADER = re.compile(rb"[!-9;-~]+:")
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 _last_send = threading.local()
 
+#: Every connection that opened a socket in this process (closed ones drop out when collected).
+opened: weakref.WeakSet[HTTPConnection] = weakref.WeakSet()
 
-def sent_on_fresh_socket() -> bool | None:
-    """Whether the request this thread sent last went out on a newly opened socket.
+
+def last_send_reused() -> bool | None:
+    """Whether the request this thread sent last went out on a socket that had carried an earlier one.
 
     None when no connection was reached since :func:`forget_last_send` (a mocked adapter, or a
-    failure before sending).
+    failure before sending, such as a connection that could not be opened).
     """
-    return getattr(_last_send, "fresh", None)
+    return getattr(_last_send, "reused", None)
 
 
 def forget_last_send() -> None:
-    _last_send.fresh = None
+    _last_send.reused = None
 
 
-def _read_head_lines(fp: Any) -> list[bytes]:
-    """The header lines up to and including the blank line, with http.client's limits."""
-    lines = []
-    while True:
-        line = fp.readline(_MAXLINE + 1)
-        if len(line) > _MAXLINE:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > _MAXHEADERS:
-            raise http.client.HTTPException(f"got more than {_MAXHEADERS} headers")
-        if line in (b"\r\n", b"\n", b""):
-            return lines
+def close_inherited() -> None:
+    """In a forked child: close this process's copy of every socket opened before the fork.
+
+    Closing a socket inherited through ``fork`` only releases the child's descriptor (nothing is
+    sent, not even a TLS close_notify): the parent's connection stays open and in use.
+    """
+    for connection in list(opened):
+        with contextlib.suppress(Exception):
+            connection.close()
+    opened.clear()
 
 
-def parse_head(lines: list[bytes]) -> http.client.HTTPMessage:
-    """The headers of a response, exactly as ``http.client.parse_headers`` returns them."""
-    if lines[-1] == b"" or not all(_SIMPLE_HEADER.match(line) for line in lines[:-1]):
-        # Folded lines, malformed names, a head cut short: the email package's reading of them.
-        return email.parser.Parser(_class=http.client.HTTPMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
-    message = http.client.HTTPMessage()
-    for line in lines[:-1]:
-        name, _, value = line.decode("iso-8859-1").partition(":")
-        message.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))  # what compat32 keeps of a value
-    message.set_payload("")
-    return message
+class _Connection(HTTPConnection):
+    """urllib3's connection, counting the requests sent on its current socket."""
 
-
-class _Response(http.client.HTTPResponse):
-    def begin(self) -> None:
-        """``http.client.HTTPResponse.begin`` (identical from 3.10 to 3.13), reading headers with :func:`parse_head`."""
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            _read_head_lines(self.fp)  # the headers of a 100 Continue: skipped
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = parse_head(_read_head_lines(self.fp))
-        if self.debuglevel > 0:
-            for name, value in self.headers.items():
-                print("header:", name + ":", value)
-        transfer_encoding = self.headers.get("transfer-encoding")
-        if transfer_encoding and transfer_encoding.lower() == "chunked":
-            self.chunked = True
-            self.chunk_left = None
-        else:
-            self.chunked = False
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            else:
-                if self.length < 0:
-                    self.length = None
-        bodiless = status in (http.client.NO_CONTENT, http.client.NOT_MODIFIED) or 100 <= status < 200
-        if bodiless or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
-
-
-class _ConnectionMixin:
-    """Coalesces the head with a bytes body into one ``send``; records whether the socket is new."""
-
-    response_class: type[http.client.HTTPResponse] = _Response
-    _sockets_opened = 0
-    _sockets_used = 0
-    _hold_head = False
-    _held: bytes | None = None
-    _header_lines: dict[tuple[str, str], bytes] | None = None
+    requests_on_socket = 0
 
     def connect(self) -> None:
-        hold, self._hold_head = self._hold_head, False  # a proxy's CONNECT goes out on its own
+        # Whatever fails from here on (refused, reset during the TLS handshake) failed on a new socket.
+        _last_send.reused = False
+        super().connect()
+        self.requests_on_socket = 0
+        opened.add(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # Without a socket, this request opens one (inside super().request): a fresh connection.
+        _last_send.reused = not self.is_closed and self.requests_on_socket > 0
         try:
-            super().connect()  # type: ignore[misc]
+            super().request(*args, **kwargs)
         finally:
-            self._hold_head = hold
-        self._sockets_opened += 1
-
-    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
-        _last_send.fresh = self.sock is None or self._sockets_opened != self._sockets_used  # type: ignore[attr-defined]
-        self._hold_head = isinstance(body, bytes) and bool(body) and not kwargs.get("chunked")
-        try:
-            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
-            if self._held is not None:  # no body followed after all
-                held, self._held = self._held, None
-                super().send(held)  # type: ignore[misc]
-        finally:
-            self._sockets_used = self._sockets_opened
-            self._hold_head, self._held = False, None
-
-    def putheader(self, header: str, *values: str) -> None:
-        """A header line this connection has sent before is reused as bytes, already validated.
-
-        Every request repeats the same headers (only Content-Length changes); encoding and checking
-        each of them again was half the cost of writing a request head.
-        """
-        value = values[0] if len(values) == 1 else None
-        if type(header) is not str or not isinstance(value, str) or value == SKIP_HEADER or header == "Content-Length":
-            super().putheader(header, *values)  # type: ignore[misc]
-            return
-        lines = self._header_lines
-        if lines is None:
-            lines = self._header_lines = {}
-        line = lines.get((header, value))
-        if line is None:
-            super().putheader(header, value)  # type: ignore[misc]  # validates, or raises
-            lines[(header, value)] = header.encode("ascii") + b": " + value.encode("latin-1")
-        else:
-            self._output(line)  # type: ignore[attr-defined]
-
-    def send(self, data: Any) -> None:
-        if self._hold_head:  # the head: wait for the body
-            self._hold_head, self._held = False, data
-            return
-        if self._held is not None:
-            data, self._held = self._held + data, None
-        super().send(data)  # type: ignore[misc]
+            self.requests_on_socket += 1
 
 
-# putheader takes str values only, as urllib3's own override does (mypy: a narrower signature).
-class _Connection(_ConnectionMixin, urllib3.connection.HTTPConnection):  # type: ignore[misc]
-    pass
-
-
-class _TLSConnection(_ConnectionMixin, urllib3.connection.HTTPSConnection):  # type: ignore[misc]
+class _TLSConnection(_Connection, HTTPSConnection):
     pass
 
 
@@ -195,4 +93,4 @@ class _TLSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
-POOL_CLASSES = {"http": _Pool, "https": _TLSPool}
+POOL_CLASSES: dict[str, type[urllib3.HTTPConnectionPool]] = {"http": _Pool, "https": _TLSPool}

@@ -44,6 +44,9 @@ So it holds for any tokenizer and any text; what it cannot see (an image part, a
 adds more than the allowance) is still booked when answered and counted in ``overruns``.
 Token buckets keep the closer ``estimate_prompt_tokens`` (1.3-1.8x on natural text).
 
+**Types.** "A limiter" is an :class:`AnyLimiter`: a ``Limiter``, or ``UNLIMITED`` (``Limiter.disabled()``)
+for an LM without limits; what it hands out is an :class:`AnyPermit` (a ``Permit``, or ``NO_PERMIT``).
+
 **Sharing.** ``copy.copy`` / ``copy.deepcopy`` of a limiter return the limiter itself. A pickled
 limiter carries its ledger's handle if the ledger is shared (``share_on_ray()``); a local ledger
 does not travel: the unpickled copy refuses requests with a ``ConfigurationError`` until
@@ -60,7 +63,8 @@ from ..errors import BudgetExceededError, LimiterTimeoutError
 
 # Loaded with the package: what an LM without limits needs (it pays for nothing else).
 from ._config import Limits
-from ._permit import NO_PERMIT, Permit, may_have_been_billed
+from ._permit import NO_PERMIT, AnyPermit, Permit, may_have_been_billed
+from ._protocol import AnyLimiter
 from ._unlimited import UNLIMITED, UnlimitedLimiter
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers
@@ -96,6 +100,8 @@ __all__ = [
     "NO_PERMIT",
     "SYSTEM_CLOCK",
     "UNLIMITED",
+    "AnyLimiter",
+    "AnyPermit",
     "BudgetExceededError",
     "Clock",
     "DetachedLedger",

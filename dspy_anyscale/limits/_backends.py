@@ -117,18 +117,18 @@ class DetachedLedger:
         if self.forked:
             return self._forked_error()
         return ConfigurationError(
-            f"this LM's limits ({_describe(self.limits)}) are kept by a ledger in the process that created it "
+            f"this LM's limits ({self.limits.describe()}) are kept by a ledger in the process that created it "
             f"(pid {self.origin_pid}); a pickled copy does not get a fresh budget of its own. Before sending "
             "the LM to other processes, share its ledger (the limiter's share_on_ray() for Ray workers), or "
             "attach this copy to a ledger (the limiter's attach(backend)). A copy loaded from a program saved "
-            f"with save_program=True gets a ledger of its own with lm.copy({_describe(self.limits)}) (then "
+            f"with save_program=True gets a ledger of its own with lm.copy({self.limits.describe()}) (then "
             "program.set_lm(...) with that copy), as a program saved as JSON gets when loaded"
         )
 
     def _forked_error(self) -> ConfigurationError:
         return ConfigurationError(
             f"this process was forked from pid {self.origin_pid} after this LM was made there; its limits "
-            f"({_describe(self.limits)}) are kept by the parent's ledger, and a forked child must not spend "
+            f"({self.limits.describe()}) are kept by the parent's ledger, and a forked child must not spend "
             "from a copy of it (each child would get the whole budget again). Build the LM in each child "
             "instead, with its share of the limits: with multiprocessing, in the Pool's initializer (or the "
             "worker function); with gunicorn, in a post_fork hook, or run without --preload. Or share one "
@@ -178,7 +178,3 @@ def for_forked_child(backend: LedgerBackend, limits: Limits, clock: Clock, paren
     if set(limits.as_kwargs()) <= {"max_concurrency"}:
         return LocalLedger(limits, clock)
     return DetachedLedger(limits, parent_pid, forked=True)
-
-
-def _describe(limits: Limits) -> str:
-    return ", ".join(f"{name}={value!r}" for name, value in limits.as_kwargs().items())

@@ -1,12 +1,20 @@
-"""``Limits``: the five limiter options of ``Anyscale``, validated once, all off by default."""
+"""``Limits``: the five limiter options of ``Anyscale``, as one value: validated here only, all off by default.
+
+Every place that takes limits (``Anyscale(limits=...)`` or its five keywords, ``ProgramPool``,
+``run_program``, ``evaluate``) builds a ``Limits`` with :func:`limits_from` or :func:`job_limits`,
+so a wrong value is refused by ``Limits.__post_init__`` with a ``ConfigurationError`` naming the
+option, wherever it was given.
+"""
 
 from __future__ import annotations
 
-import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .._constants import BUCKET_SECONDS, MIN_REQUEST_BUCKET
+from .._constants import BUCKET_SECONDS, MIN_REQUEST_BUCKET, MIN_TOKEN_BUCKET
+from .._validate import check_optional_amount, check_optional_count, fail
 from ..errors import ConfigurationError
 
 
@@ -29,11 +37,11 @@ class Limits:
     max_requests: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_concurrency", self.max_concurrency)
-        _check_number("requests_per_minute", self.requests_per_minute, "requests per minute")
-        _check_number("tokens_per_minute", self.tokens_per_minute, "tokens per minute")
-        _check_number("budget_usd", self.budget_usd, "USD")
-        _check_int("max_requests", self.max_requests)
+        check_optional_count("max_concurrency", self.max_concurrency)
+        check_optional_amount("requests_per_minute", self.requests_per_minute, "requests per minute")
+        check_optional_amount("tokens_per_minute", self.tokens_per_minute, "tokens per minute")
+        check_optional_amount("budget_usd", self.budget_usd, "USD")
+        check_optional_count("max_requests", self.max_requests)
 
     @property
     def enabled(self) -> bool:
@@ -55,22 +63,54 @@ class Limits:
         if self.tokens_per_minute is None:
             return None
         rate = self.tokens_per_minute / 60.0
-        return max(1.0, rate * BUCKET_SECONDS), rate
+        return max(MIN_TOKEN_BUCKET, rate * BUCKET_SECONDS), rate
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options that are set, as ``Anyscale`` constructor keywords (for dump_state / copies)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-
-def _check_int(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive integer or None, got {value!r}")
+    def describe(self) -> str:
+        """The options that are set, as keywords, for messages: ``budget_usd=5.0, max_requests=10``."""
+        return ", ".join(f"{name}={value!r}" for name, value in self.as_kwargs().items())
 
 
-def _check_number(name: str, value: Any, unit: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number of {unit} or None, got {value!r}")
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+
+
+def limits_from(limits: Any, keywords: Mapping[str, Any]) -> Limits:
+    """The limits given either as ``limits=Limits(...)`` or as ``Limits``' fields as keywords
+    (``budget_usd=...``; None is unset); both at once is refused, saying which to keep."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    if limits is None:
+        return Limits(**given)
+    if not isinstance(limits, Limits):
+        fail("limits", "None or a dspy_anyscale.limits.Limits(...)", limits, show=False)
+    if given:
+        spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        raise ConfigurationError(
+            f"limits=Limits({limits.describe()}) and {spelled} both set limits: keep one, either "
+            "limits=Limits(...) with every limit in it, or the keywords alone"
+        )
+    return limits
+
+
+def job_limits(limits: Any, keywords: Mapping[str, Any], *, where: str) -> Limits:
+    """The limits a Ray entry point (``where``) was given: ``limits=Limits(...)``, or ``Limits``' fields as
+    keywords, still taken for one release with a ``DeprecationWarning`` that names the new spelling.
+    Any other keyword is Python's TypeError, as for any function.
+
+    The one helper for every entry point's old spelling; call it from the entry point's own body,
+    so that the warning points at the entry point's caller.
+    """
+    unknown = [name for name in keywords if name not in LIMIT_NAMES]
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    if keywords:
+        spelled = ", ".join(f"{name}={value!r}" for name, value in keywords.items())
+        warnings.warn(
+            f"{where}({spelled}) is deprecated and will be removed in the next release: pass "
+            f"limits=Limits({spelled}) (from dspy_anyscale.limits import Limits)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return limits_from(limits, keywords)

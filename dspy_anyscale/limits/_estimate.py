@@ -28,6 +28,7 @@ from .._constants import (
     TOKENS_PER_PRICE_UNIT,
 )
 from ..catalog import Prices
+from ..errors import ConfigurationError
 
 # ASCII characters that are not letters or spaces: digits, punctuation, newlines, tabs. Llama 2
 # spends a whole token on each digit and each newline; punctuation rarely merges much.
@@ -172,7 +173,7 @@ class Estimate:
             if value is None and name != "prompt_tokens":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Estimate.{name} must be a non-negative integer, got {value!r}")
+                raise ConfigurationError(f"Estimate.{name} must be a non-negative integer, got {value!r}")
 
     @classmethod
     def for_payload(cls, payload: Mapping[str, Any], prices: Prices | None = None) -> Estimate:

@@ -40,6 +40,7 @@ from ._estimate import Estimate, pico_to_usd
 from ._gate import Gate, Waiter
 from ._ledger import Ask, Block, Refusal, Ticket
 from ._permit import Permit
+from ._protocol import AnyLimiter
 from ._report import SpendReport
 from ._unlimited import UNLIMITED, UnlimitedLimiter
 
@@ -51,7 +52,9 @@ class Limiter:
 
     def __init__(self, limits: Limits, *, backend: LedgerBackend | None = None, clock: Clock | None = None) -> None:
         if not isinstance(limits, Limits):
-            raise TypeError(f"Limiter needs a Limits, got {type(limits).__name__}")
+            raise ConfigurationError(
+                f"Limiter needs a Limits, e.g. Limiter(Limits(budget_usd=5.0)); got {type(limits).__name__}"
+            )
         self.limits = limits
         self._clock = clock or SYSTEM_CLOCK
         self._backend: LedgerBackend = backend if backend is not None else LocalLedger(limits, self._clock)
@@ -66,7 +69,7 @@ class Limiter:
         return UNLIMITED
 
     @classmethod
-    def for_limits(cls, limits: Limits | None, **options: Any) -> Limiter | UnlimitedLimiter:
+    def for_limits(cls, limits: Limits | None, **options: Any) -> AnyLimiter:
         """A limiter for ``limits``, or the no-op one when nothing is set."""
         return cls(limits, **options) if limits is not None and limits.enabled else UNLIMITED
 
@@ -213,15 +216,17 @@ class Limiter:
         call.asked = True
         return call.block
 
-    # --- outcomes (through Permit) --------------------------------------------------------------------
+    # --- outcomes (Permit reports them: this is its PermitOwner) ------------------------------------
 
-    def _settle(self, ticket: Ticket, slot: Waiter, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    def settle_permit(
+        self, ticket: Ticket, slot: Waiter, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
         try:
             self._backend.settle(ticket, prompt_tokens, completion_tokens)
         finally:
             self._gate.release(slot)  # the slot is freed even if the ledger is unreachable
 
-    def _release(self, ticket: Ticket, slot: Waiter, *, billed: bool, sent: bool = True) -> None:
+    def release_permit(self, ticket: Ticket, slot: Waiter, *, billed: bool, sent: bool = True) -> None:
         try:
             if sent:
                 self._backend.release(ticket, billed=billed)
@@ -372,7 +377,7 @@ def _deadline(clock: Clock, timeout: float | None) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds or None, got {timeout!r}")
+        raise ConfigurationError(f"timeout must be a non-negative number of seconds or None, got {timeout!r}")
     return clock.now() + timeout
 
 

@@ -1,9 +1,14 @@
-"""``Permit``: one admitted request, and what its outcome does to the ledger."""
+"""``Permit``: one admitted request, and what its outcome does to the ledger.
+
+A permit reports its outcome to the :class:`PermitOwner` that admitted it (the ``Limiter``), a
+protocol defined here: this module never imports the limiter, which imports it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
@@ -11,7 +16,6 @@ from dspy.utils.exceptions import LMRateLimitError
 if TYPE_CHECKING:
     from ._gate import Waiter
     from ._ledger import Ticket
-    from ._limiter import Limiter
 
 # Failures after which the server may still have done (and billed) the work: a timed-out or
 # abandoned request may have been generated in full. The others (4xx, 429, 5xx, connection
@@ -25,6 +29,39 @@ def may_have_been_billed(error: BaseException | None) -> bool:
     return isinstance(error, _MAYBE_BILLED)
 
 
+class PermitOwner(Protocol):
+    """What a :class:`Permit` reports its outcome to: the limiter that admitted it."""
+
+    def settle_permit(
+        self, ticket: Ticket, slot: Waiter, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """The request was answered, with the server's counts (None: unknown)."""
+
+    def release_permit(self, ticket: Ticket, slot: Waiter, *, billed: bool, sent: bool = True) -> None:
+        """The request failed; ``billed``: keep its worst case as spent; ``sent=False``: it never left."""
+
+    def note_rate_limited(self, seconds: float | None = None) -> None:
+        """A 429: every caller waits ``seconds`` (the Retry-After) before its next request."""
+
+
+class AnyPermit(Protocol):
+    """A permit as the engine uses it: :class:`Permit`, or ``NO_PERMIT`` from a limiter without limits."""
+
+    def answer_started(self) -> None: ...
+
+    def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None: ...
+
+    def release_failed(
+        self, error: BaseException | None = None, *, billed: bool | None = None, sent: bool = True
+    ) -> None: ...
+
+    def __enter__(self) -> AnyPermit: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
 class Permit:
     """One admitted request. Exactly one of :meth:`settle` / :meth:`release_failed` takes effect
     (later calls are ignored); leaving a ``with`` block without either frees it too.
@@ -34,7 +71,7 @@ class Permit:
 
     __slots__ = ("_answer_started", "_limiter", "_open", "_slot", "_ticket")
 
-    def __init__(self, limiter: Limiter, ticket: Ticket, slot: Waiter) -> None:
+    def __init__(self, limiter: PermitOwner, ticket: Ticket, slot: Waiter) -> None:
         self._limiter = limiter
         self._ticket = ticket
         self._slot = slot  # its place in the gate: freed with the permit
@@ -51,7 +88,7 @@ class Permit:
     def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         """The answer came, with the server's counts (None: not reported, booked at the worst case)."""
         if self._close():
-            self._limiter._settle(self._ticket, self._slot, _count(prompt_tokens), _count(completion_tokens))
+            self._limiter.settle_permit(self._ticket, self._slot, _count(prompt_tokens), _count(completion_tokens))
 
     def release_failed(
         self, error: BaseException | None = None, *, billed: bool | None = None, sent: bool = True
@@ -69,7 +106,7 @@ class Permit:
             if isinstance(error, _RATE_LIMITED):
                 self._limiter.note_rate_limited(error.retry_after)
         finally:
-            self._limiter._release(self._ticket, self._slot, billed=billed and sent, sent=sent)
+            self._limiter.release_permit(self._ticket, self._slot, billed=billed and sent, sent=sent)
 
     def _close(self) -> bool:
         was_open, self._open = self._open, False
@@ -78,7 +115,9 @@ class Permit:
     def __enter__(self) -> Permit:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self._open:
             return
         if exc is None:
@@ -109,11 +148,13 @@ class _NoPermit:
     def __enter__(self) -> _NoPermit:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         return None
 
     def __repr__(self) -> str:
         return "NO_PERMIT"
 
 
-NO_PERMIT = _NoPermit()
+NO_PERMIT: AnyPermit = _NoPermit()

@@ -29,15 +29,12 @@ import time
 import uuid
 from typing import Any
 
-from .._constants import RAY_LEDGER_NAME_PREFIX, RAY_LEDGER_NUM_CPUS
+from .._constants import RAY_LEDGER_NAME_PREFIX, RAY_LEDGER_NUM_CPUS, RAY_LEDGER_PENDING_PRUNE_AT
 from ..errors import ConfigurationError
 from ._backends import LedgerBackend
 from ._config import Limits
 from ._ledger import Ask, Block, Decision, LedgerState, Ticket
 from ._report import SpendReport
-
-# Settlements sent and not yet known to be applied; past this many, the finished ones are dropped.
-_PENDING_PRUNE_AT = 64
 
 
 class LedgerActor:
@@ -127,7 +124,7 @@ class RayLedger:
         return ray
 
     def _unreachable(self, why: str) -> ConfigurationError:
-        limits = f" ({describe(self.limits)})" if self.limits is not None else ""
+        limits = f" ({self.limits.describe()})" if self.limits is not None else ""
         return ConfigurationError(
             f"this LM's limits{limits} are kept by a ledger in a Ray actor, and {why}. What that ledger counted "
             "is not here, and the LM never starts a fresh budget (nor Ray) by itself: give it a ledger of its own "
@@ -225,19 +222,15 @@ class RayLedger:
             return
         with self._pending_lock:
             self._pending.append(ref)
-            if len(self._pending) >= _PENDING_PRUNE_AT:
+            if len(self._pending) >= RAY_LEDGER_PENDING_PRUNE_AT:
                 _, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
-
-
-def describe(limits: Limits) -> str:
-    return ", ".join(f"{name}={value!r}" for name, value in limits.as_kwargs().items())
 
 
 def copy_with_limits(limits: Limits | None) -> str:
     """``lm.copy(...)`` giving the LM these limits again, on a new ledger of its own, for messages."""
     if limits is None:
         return "lm.copy(budget_usd=..., max_requests=...)"
-    return f"lm.copy({describe(limits)})"
+    return f"lm.copy({limits.describe()})"
 
 
 def first_line(exc: BaseException, *, last: bool = False) -> str:

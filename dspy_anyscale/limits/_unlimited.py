@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from ._config import Limits
-from ._permit import NO_PERMIT, Permit
+from ._permit import NO_PERMIT, AnyPermit
 
 if TYPE_CHECKING:
     from ._estimate import Estimate
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class UnlimitedLimiter:
-    """The limiter of an LM with no limits: same surface as ``Limiter``, does nothing, counts nothing."""
+    """The limiter of an LM with no limits: an ``AnyLimiter`` like ``Limiter``, does nothing, counts nothing."""
 
     enabled = False
     needs_estimate = False
@@ -27,11 +27,11 @@ class UnlimitedLimiter:
     def __repr__(self) -> str:
         return "Limiter.disabled()"
 
-    def acquire(self, estimate: Estimate | None = None, *, timeout: float | None = None) -> Permit:
-        return NO_PERMIT  # type: ignore[return-value]
+    def acquire(self, estimate: Estimate | None = None, *, timeout: float | None = None) -> AnyPermit:
+        return NO_PERMIT
 
-    async def aacquire(self, estimate: Estimate | None = None) -> Permit:
-        return NO_PERMIT  # type: ignore[return-value]
+    async def aacquire(self, estimate: Estimate | None = None) -> AnyPermit:
+        return NO_PERMIT
 
     def candidates(self, n: int) -> AbstractContextManager[None]:
         return nullcontext()

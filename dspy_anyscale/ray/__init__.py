@@ -1,7 +1,7 @@
 """Run a DSPy program over a Ray Dataset: ``pip install 'dspy-anyscale[ray]'``.
 
     import ray
-    from dspy_anyscale.ray import ProgramPool, evaluate, run_program, summarize_run
+    from dspy_anyscale.ray import Limits, ProgramPool, evaluate, run_program, summarize_run
 
     ray.init()                                   # a laptop; ray.init(address="auto") on a cluster
     results = run_program(program, dataset, lm=lm, input_keys=["question"], concurrency=4)
@@ -28,12 +28,13 @@ Output rows: the input row's columns, the prediction's fields as ``pred_<field>`
 (None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` and
 ``latency_ms`` (and ``score`` from :func:`evaluate`), in completion order.
 
-Limits for the whole job (``budget_usd``, ``max_requests``, ``requests_per_minute``,
-``tokens_per_minute``, as on ``Anyscale``) go to ``run_program`` / ``evaluate`` (one run) or to
-``ProgramPool`` (every run on the pool). They are kept by one ledger in one Ray actor that every
-worker's LM reserves from; an ``lm`` with limits of its own has its ledger moved into such an
-actor for the job, never copied into each worker, and back into the driver when the job is over
-(so the ``lm`` goes on after ``ray.shutdown()``). A row whose request does not fit fails with
+Limits for the whole job, ``limits=Limits(budget_usd=..., max_requests=..., requests_per_minute=...,
+tokens_per_minute=...)`` (``Anyscale``'s limits as one value), go to ``run_program`` / ``evaluate``
+(one run) or to ``ProgramPool`` (every run on the pool); the five as keywords (``budget_usd=...``)
+are deprecated, still taken for one release. They are kept by one ledger in one Ray actor that
+every worker's LM reserves from; an ``lm`` with limits of its own has its ledger moved into such
+an actor for the job, never copied into each worker, and back into the driver when the job is
+over (so the ``lm`` goes on after ``ray.shutdown()``). A row whose request does not fit fails with
 ``BudgetExceededError`` (nothing sent); once a cap is used up the run stops sending, and the rows
 left fail at once. ``max_concurrency`` is refused for a job (a per-process limit):
 ``concurrency * threads_per_actor`` bounds what is in flight.
@@ -45,8 +46,9 @@ raise :class:`~dspy_anyscale.errors.ConfigurationError` before any Ray work star
 from __future__ import annotations
 
 from ..errors import PoolError
+from ..limits import Limits
 from ._pool import ProgramPool
 from ._rows import RunSummary
 from ._run import evaluate, run_program, summarize_run
 
-__all__ = ["PoolError", "ProgramPool", "RunSummary", "evaluate", "run_program", "summarize_run"]
+__all__ = ["Limits", "PoolError", "ProgramPool", "RunSummary", "evaluate", "run_program", "summarize_run"]

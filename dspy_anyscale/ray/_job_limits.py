@@ -2,10 +2,10 @@
 
 Where a run's ledger comes from, in the order it is looked for:
 
-1. limits given to the run (``run_program(..., budget_usd=...)``): a new ledger for this run,
-   stopped when the run has executed;
-2. limits given to a :class:`ProgramPool` (``ProgramPool(lm=..., budget_usd=...)``): one ledger
-   for every run on the pool, stopped when the pool is closed;
+1. limits given to the run (``run_program(..., limits=Limits(budget_usd=...))``): a new ledger for
+   this run, stopped when the run has executed;
+2. limits given to a :class:`ProgramPool` (``ProgramPool(lm=..., limits=Limits(budget_usd=...))``):
+   one ledger for every run on the pool, stopped when the pool is closed;
 3. limits of the LM itself (``Anyscale(..., budget_usd=...)``): the LM's own ledger moves into a
    Ray actor (``Limiter.share_on_ray``) for the job, so the driver's LM keeps counting against it
    and ``lm.spending()`` covers what the workers spent. When the job is over (a materialised run
@@ -20,73 +20,22 @@ pool (or an LM) that has limits of its own are refused, as are a pool's on an LM
 ``max_concurrency`` is refused for a job: the limiter's gate holds in one process, and a job's
 requests in flight are already bounded by ``concurrency x threads_per_actor``.
 
-Everything here that could fail on the arguments runs before any Ray work (``check_limits``).
+The arguments are checked before any Ray work, with every other argument check
+(``_validate.job_limits`` and ``_validate.check_job_limits``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from typing import Any
 
 from .. import _constants as C
-from ..anyscale import LIMIT_OPTIONS, Anyscale
-from ..errors import BudgetExceededError, ConfigurationError
-from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
-from ..limits._ray import RayLedger, describe, first_line
+from ..anyscale import Anyscale
+from ..errors import BudgetExceededError
+from ..limits import AnyLimiter, Limiter, Limits, SpendReport
+from ..limits._ray import RayLedger, first_line
 
 logger = logging.getLogger(C.LOGGER_NAME)
-
-AnyLimiter = Limiter | UnlimitedLimiter
-
-
-def check_limits(
-    options: Mapping[str, Any],
-    *,
-    lm: Anyscale,
-    where: str,
-    sizes: tuple[int, int],
-    existing: AnyLimiter | None = None,
-    owner: str = "the lm",
-    hint: str = "",
-) -> Limits | None:
-    """The job's ``Limits`` from the five options (None when none is set), checked against the LM
-    whose requests they will hold: no Ray work, every failure a ``ConfigurationError`` naming the option.
-
-    ``where`` names the call in messages; ``sizes`` is (concurrency, threads_per_actor), for the
-    message refusing ``max_concurrency``; ``existing`` is a limiter the requests already count
-    against, ``owner`` says whose, and ``hint`` how to set the limits in one place.
-    """
-    limits = Limits(**{name: options.get(name) for name in LIMIT_OPTIONS})  # refuses bad values, by name
-    if limits.max_concurrency is not None:
-        concurrency, threads = sizes
-        raise ConfigurationError(
-            f"max_concurrency={limits.max_concurrency}: {where} cannot hold it. A concurrency limit holds in one "
-            f"process, and a job runs in many: its requests in flight are at most concurrency x threads_per_actor "
-            f"({concurrency} x {threads} = {concurrency * threads} here), so choose those two, with a product of at "
-            f"most {limits.max_concurrency}. (An lm built with max_concurrency=N keeps N in each worker.)"
-        )
-    if not limits.enabled:
-        return None
-    named = ", ".join(limits.as_kwargs())
-    if existing is not None and existing.enabled:
-        raise ConfigurationError(
-            f"{named}: {where} cannot have limits of its own here: its requests already count against {owner}'s "
-            f"({describe(existing.limits)}), and a request counts against one ledger. Set the limits in one "
-            f"place: {hint}"
-        )
-    if limits.budget_usd is not None and lm.engine.prices is None:
-        raise ConfigurationError(
-            f"budget_usd needs prices to know what a request can cost, and {lm.model!r} has none: build the lm with "
-            "prices={'input': ..., 'output': ...} (USD per million tokens)"
-        )
-    if (limits.budget_usd is not None or limits.tokens_per_minute is not None) and lm.kwargs.get("max_tokens") is None:
-        raise ConfigurationError(
-            f"{named}: a budget and a token rate reserve each request's worst case, prompt + max_tokens, and this "
-            "lm has max_tokens=None: build it with max_tokens set"
-        )
-    return limits
 
 
 def on_the_lm_or_here(limiter: AnyLimiter) -> str:

@@ -15,32 +15,17 @@ import dspy
 from ray.exceptions import ActorUnschedulableError, RayActorError, RayError
 
 from .. import _constants as C
+from .._validate import check_job_limits, check_pool_arguments
 from ..anyscale import Anyscale
-from ..errors import ConfigurationError, PoolError
-from ..limits import Limiter, Limits, SpendReport, UnlimitedLimiter
+from ..errors import PoolError
+from ..limits import AnyLimiter, Limiter, Limits, SpendReport
+from ..limits._config import job_limits
 from ..limits._ray import first_line
-from ._checks import check_adapter, check_lm, check_positive_ints, check_positive_number, fail
-from ._job_limits import (
-    check_limits,
-    on_the_lm_or_here,
-    return_lm_ledger,
-    share_lm_ledger,
-    start_ledger,
-    stop_ledger,
-)
+from ._job_limits import on_the_lm_or_here, return_lm_ledger, share_lm_ledger, start_ledger, stop_ledger
 from ._ray import ray
 from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, tally_of, to_block
 
 logger = logging.getLogger(C.LOGGER_NAME)
-
-# Batches a pool worker holds at once: the second fills its threads while the first one's last
-# rows finish, so a batch's tail never leaves threads idle. Requests in flight stay bounded by
-# the worker's threads, which both batches share.
-BATCHES_PER_WORKER = 2
-_POLL_SECONDS = 1.0  # how often a run looks at workers that are (re)starting
-DEFAULT_CONCURRENCY = 4
-DEFAULT_THREADS_PER_ACTOR = 8
-DEFAULT_NUM_CPUS = 0.25
 
 
 @dataclass(eq=False)
@@ -93,17 +78,19 @@ class ProgramPool:
     leaving the ``with`` block) stops the actors; it is idempotent, and a closed pool refuses work
     with :class:`PoolError`.
 
-    Limits for every run on the pool (an optimisation loop's whole budget): ``budget_usd``,
-    ``max_requests``, ``requests_per_minute``, ``tokens_per_minute`` are ``Anyscale``'s, held by
-    one ledger in a Ray actor that every worker's LM reserves from, from the first run to
-    ``close()``; ``pool.spending()`` reports it (after ``close()`` too: its last report). An
-    ``lm`` with limits of its own keeps them instead: its ledger moves into a Ray actor that the
-    workers and the driver's ``lm`` share, and back into the driver at ``close()`` (so the ``lm``
-    goes on after ``ray.shutdown()``). A run on a pool without either may have limits of its
-    own (``run_program(..., pool=pool, budget_usd=...)``): a ledger for that run only. A run that
-    uses its cap up stops sending; the rows left are errors, unrun (see :func:`run_program`).
-    ``max_concurrency`` is refused: at most ``concurrency * threads_per_actor`` requests are in
-    flight already.
+    Limits for every run on the pool (an optimisation loop's whole budget):
+    ``limits=Limits(budget_usd=..., max_requests=..., requests_per_minute=..., tokens_per_minute=...)``
+    (``Anyscale``'s limits, ``from dspy_anyscale.limits import Limits``), held by one ledger in a
+    Ray actor that every worker's LM reserves from, from the first run to ``close()``;
+    ``pool.spending()`` reports it (after ``close()`` too: its last report). An ``lm`` with limits
+    of its own keeps them instead: its ledger moves into a Ray actor that the workers and the
+    driver's ``lm`` share, and back into the driver at ``close()`` (so the ``lm`` goes on after
+    ``ray.shutdown()``). A run on a pool without either may have limits of its own
+    (``run_program(..., pool=pool, limits=Limits(budget_usd=...))``): a ledger for that run only.
+    A run that uses its cap up stops sending; the rows left are errors, unrun (see
+    :func:`run_program`). ``max_concurrency`` is refused: at most ``concurrency *
+    threads_per_actor`` requests are in flight already. The five limits as keywords
+    (``ProgramPool(..., budget_usd=...)``) are deprecated, accepted for one release.
     """
 
     def __init__(
@@ -111,32 +98,27 @@ class ProgramPool:
         *,
         lm: Anyscale,
         adapter: dspy.Adapter | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        threads_per_actor: int = DEFAULT_THREADS_PER_ACTOR,
-        num_cpus: float = DEFAULT_NUM_CPUS,
-        max_restarts: int = 3,
-        start_timeout: float = 300.0,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        budget_usd: float | None = None,
-        max_requests: int | None = None,
+        concurrency: int = C.RAY_DEFAULT_CONCURRENCY,
+        threads_per_actor: int = C.RAY_DEFAULT_THREADS_PER_ACTOR,
+        num_cpus: float = C.RAY_DEFAULT_NUM_CPUS,
+        max_restarts: int = C.RAY_POOL_MAX_RESTARTS,
+        start_timeout: float = C.RAY_POOL_START_TIMEOUT_S,
+        limits: Limits | None = None,
+        **legacy_limits: Any,
     ) -> None:
-        check_lm(lm)
-        check_adapter(adapter)
-        check_positive_ints(concurrency=concurrency, threads_per_actor=threads_per_actor)
-        check_positive_number("num_cpus", num_cpus)
-        check_positive_number("start_timeout", start_timeout)
-        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-            fail("max_restarts", "an int >= 0", max_restarts)
-        limits = check_limits(
-            {
-                "max_concurrency": max_concurrency,
-                "requests_per_minute": requests_per_minute,
-                "tokens_per_minute": tokens_per_minute,
-                "budget_usd": budget_usd,
-                "max_requests": max_requests,
-            },
+        given = job_limits(limits, legacy_limits, where="ProgramPool")
+        check_pool_arguments(
+            lm=lm,
+            adapter=adapter,
+            concurrency=concurrency,
+            threads_per_actor=threads_per_actor,
+            num_cpus=num_cpus,
+            max_restarts=max_restarts,
+            start_timeout=start_timeout,
+            anyscale=Anyscale,
+        )
+        own_limits = check_job_limits(
+            given,
             lm=lm,
             where="a ProgramPool",
             sizes=(concurrency, threads_per_actor),
@@ -144,8 +126,8 @@ class ProgramPool:
             hint=on_the_lm_or_here(lm.limiter),
         )
         # --- Ray work from here on.
-        self.limits: Limits | None = limits  # the pool's own limits (None: none given to ProgramPool)
-        self._own_ledger = start_ledger(limits)  # started while the workers start
+        self.limits: Limits | None = own_limits  # the pool's own limits (None: none given to ProgramPool)
+        self._own_ledger = start_ledger(own_limits)  # started while the workers start
         self._final_report: SpendReport | None = None  # the pool's ledger's last report, once stopped
         # The LM's own ledger, moved into Ray while the pool is open; home again at close().
         self._lent = None if self._own_ledger is not None else share_lm_ledger(lm)
@@ -154,11 +136,11 @@ class ProgramPool:
         self.concurrency, self.threads_per_actor, self.num_cpus = concurrency, threads_per_actor, num_cpus
         self.max_restarts, self.start_timeout = max_restarts, float(start_timeout)
         self.restarts = 0  # workers replaced so far
-        self._lm_state = lm.dump_state()
+        self._lm_state = lm.dump_state()  # what the workers build their LM from
         self._closed: str | None = None  # why the pool refuses work, once it does
         self._lock = threading.Lock()
         self._worker_class = ray.remote(PoolWorker).options(
-            num_cpus=num_cpus, max_concurrency=BATCHES_PER_WORKER, max_restarts=0, max_task_retries=0
+            num_cpus=num_cpus, max_concurrency=C.RAY_POOL_BATCHES_PER_WORKER, max_restarts=0, max_task_retries=0
         )
         started = time.perf_counter()
         self._slots: list[_Slot] = []
@@ -190,7 +172,7 @@ class ProgramPool:
         self._shutdown("it was closed")
 
     @property
-    def limiter(self) -> Limiter | UnlimitedLimiter:
+    def limiter(self) -> AnyLimiter:
         """What every run on the pool counts against: the pool's limits, else its LM's (both may have none)."""
         return self._worker_limiter if self._worker_limiter is not None else self.lm.limiter
 
@@ -281,7 +263,7 @@ class ProgramPool:
             self._slots[slot.index] = self._start(slot.index)
 
     def _free_slot(self) -> _Slot | None:
-        free = [slot for slot in self._slots if slot.up and slot.outstanding < BATCHES_PER_WORKER]
+        free = [slot for slot in self._slots if slot.up and slot.outstanding < C.RAY_POOL_BATCHES_PER_WORKER]
         return min(free, key=lambda slot: slot.outstanding) if free else None
 
     def _idle_slot(self) -> _Slot | None:
@@ -298,24 +280,6 @@ class ProgramPool:
                 if not any(not slot.dead for slot in self._slots):
                     self._shutdown(f"all its workers died ({exc})")
                 raise
-
-    def _check_run_settings(self, lm: Any, adapter: Any, **settings: Any) -> None:
-        """The rule for ``run_program(..., pool=pool)``: the pool's LM, adapter and sizes, or nothing."""
-        if lm is not None and lm is not self.lm and (not isinstance(lm, Anyscale) or lm.dump_state() != self._lm_state):
-            raise ConfigurationError(
-                f"lm: this pool's workers run {self.lm!r}; omit lm= with pool= (or pass that same LM). "
-                "For another LM, start another ProgramPool(lm=...)."
-            )
-        if adapter is not None and not _same_adapter(adapter, self.adapter):
-            raise ConfigurationError(
-                f"adapter: this pool's workers use {self.adapter!r}; omit adapter= with pool= (or pass that same "
-                "adapter). For another adapter, start another ProgramPool(adapter=...)."
-            )
-        for name, value in settings.items():
-            if value is not None and value != getattr(self, name):
-                raise ConfigurationError(
-                    f"{name}={value!r}: with pool= the pool's {name}={getattr(self, name)!r} applies; omit it"
-                )
 
 
 @dataclass(eq=False)
@@ -362,7 +326,7 @@ class _PoolRun:
             starting = self.pool._starting()
             if not self.pending and not starting:
                 raise PoolError("no pool worker is left to run the remaining rows (every worker died)")
-            done, _ = ray.wait([*self.pending, *starting], num_returns=1, timeout=_POLL_SECONDS)
+            done, _ = ray.wait([*self.pending, *starting], num_returns=1, timeout=C.RAY_POOL_POLL_S)
             for ref in done:
                 if ref in self.pending:
                     self._collect(ref)
@@ -449,7 +413,3 @@ def _get_ready(slot: _Slot) -> None:
 def _kill(actor: Any) -> None:
     if ray.is_initialized():
         ray.kill(actor, no_restart=True)
-
-
-def _same_adapter(a: Any, b: Any) -> bool:
-    return a is b or (type(a) is type(b) and vars(a) == vars(b))

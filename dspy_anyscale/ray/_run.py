@@ -6,25 +6,25 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from .. import _constants as C
-from ..anyscale import Anyscale
-from ..errors import ConfigurationError
-from ..limits import Limiter, Limits, SpendReport
-from ._checks import (
-    check_adapter,
-    check_lm,
-    check_optional,
-    check_positive_ints,
-    check_program,
-    fail,
-    is_number,
+from .._validate import (
+    check_dataset_items,
+    check_input_keys,
+    check_job_limits,
+    check_metric,
+    check_run_arguments,
+    check_run_options,
+    check_run_results,
+    require_input_keys,
 )
+from ..anyscale import Anyscale
+from ..limits import Limiter, Limits, SpendReport
+from ..limits._config import LIMIT_NAMES, job_limits
 from ._job_limits import (
-    check_limits,
     on_the_lm_or_here,
     return_lm_ledger,
     share_lm_ledger,
@@ -32,7 +32,7 @@ from ._job_limits import (
     stop_ledger,
     without_limits,
 )
-from ._pool import DEFAULT_CONCURRENCY, DEFAULT_NUM_CPUS, DEFAULT_THREADS_PER_ACTOR, ProgramPool
+from ._pool import ProgramPool
 from ._ray import ray
 from ._rows import (
     Metric,
@@ -62,17 +62,14 @@ def run_program(
     input_keys: Sequence[str] | None = None,
     concurrency: int | None = None,
     threads_per_actor: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = C.RAY_DEFAULT_BATCH_SIZE,
     num_cpus: float | None = None,
     materialize: bool = True,
     metric: Metric | None = None,
-    failure_score: float = 0.0,
+    failure_score: float = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: ProgramPool | None = None,
-    max_concurrency: int | None = None,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    budget_usd: float | None = None,
-    max_requests: int | None = None,
+    limits: Limits | None = None,
+    **legacy_limits: Any,
 ) -> Dataset:
     """Map ``program`` over ``dataset`` on Ray actors; one output row per input row.
 
@@ -101,9 +98,10 @@ def run_program(
     the result blocks in Ray's object store (spilled to disk when large). ``materialize=False``
     is accepted, and the dataset is then the same: it still chains into ``write_parquet``.
 
-    Limits for the whole run: ``budget_usd``, ``max_requests``, ``requests_per_minute`` and
-    ``tokens_per_minute`` are ``Anyscale``'s, held by one ledger (a Ray actor) that every
-    worker's LM reserves from, for this run only. A row whose request does not fit gets
+    Limits for the whole run: ``limits=Limits(budget_usd=..., max_requests=...,
+    requests_per_minute=..., tokens_per_minute=...)`` (``Anyscale``'s limits, ``from
+    dspy_anyscale.limits import Limits``), held by one ledger (a Ray actor) that every worker's LM
+    reserves from, for this run only. A row whose request does not fit gets
     ``error="BudgetExceededError: ..."`` and nothing of it is sent; once the cap is used up (less
     left than a request's worst case, or every request made) the run stops sending: the rows
     left fail at once, unrun, and the run finishes. ``summarize_run`` counts them in ``errors``
@@ -115,8 +113,10 @@ def run_program(
     most ``concurrency x threads_per_actor``. With ``materialize=False`` the run's ledger lives as
     long as the lazy dataset, and every execution of it counts against that one ledger; an
     ``lm``'s own ledger stays in Ray until ``lm.limiter.bring_home()`` (call it before
-    ``ray.shutdown()``; after, the ``lm`` refuses to send and says so).
+    ``ray.shutdown()``; after, the ``lm`` refuses to send and says so). The five limits as
+    keywords (``run_program(..., budget_usd=...)``) are deprecated, accepted for one release.
     """
+    given = job_limits(limits, legacy_limits, where="run_program")
     results, _ = _run(
         program,
         dataset,
@@ -131,13 +131,7 @@ def run_program(
         metric=metric,
         failure_score=failure_score,
         pool=pool,
-        limits={
-            "max_concurrency": max_concurrency,
-            "requests_per_minute": requests_per_minute,
-            "tokens_per_minute": tokens_per_minute,
-            "budget_usd": budget_usd,
-            "max_requests": max_requests,
-        },
+        limits=given,
     )
     return results
 
@@ -149,13 +143,9 @@ def evaluate(
     *,
     lm: Anyscale | None = None,
     input_keys: Sequence[str] | None = None,
-    failure_score: float = 0.0,
+    failure_score: float = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: ProgramPool | None = None,
-    max_concurrency: int | None = None,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    budget_usd: float | None = None,
-    max_requests: int | None = None,
+    limits: Limits | None = None,
     **run_options: Any,
 ) -> tuple[float, Dataset]:
     """``dspy.Evaluate`` over a Ray Dataset: (score in percent, the per-row results with ``score``).
@@ -169,24 +159,15 @@ def evaluate(
     The score is computed as ``dspy.Evaluate`` computes it: ``round(100 * sum(scores) / rows, 2)``,
     with ``failure_score`` for a row whose program raised (a row refused by the run's limits
     too). ``run_options`` are :func:`run_program`'s (``adapter``, ``concurrency``, ``batch_size``,
-    ...); the limits are its limits for the whole run.
+    ...); ``limits`` are its limits for the whole run (the five as keywords are deprecated).
     """
-    if not callable(metric):
-        fail("metric", "a callable metric(example, prediction, trace=None)", metric)
-    unknown = sorted(set(run_options) - _RUN_OPTIONS)
-    if unknown:
-        raise TypeError(
-            f"evaluate() got unexpected keyword arguments {unknown}; run_program's are {sorted(_RUN_OPTIONS)}"
-        )
-    limits = {
-        "max_concurrency": max_concurrency,
-        "requests_per_minute": requests_per_minute,
-        "tokens_per_minute": tokens_per_minute,
-        "budget_usd": budget_usd,
-        "max_requests": max_requests,
-    }
+    # Limits' fields among the run options: the deprecated spelling of limits=.
+    legacy_limits = {name: run_options.pop(name) for name in list(run_options) if name in LIMIT_NAMES}
+    given = job_limits(limits, legacy_limits, where="evaluate")
+    check_metric(metric, optional=False)
+    check_run_options(run_options, _RUN_OPTIONS, where="evaluate")
     options = {"lm": lm, "input_keys": input_keys, "failure_score": failure_score, "pool": pool, **run_options}
-    results, tally = _run(program, dataset, metric=metric, limits=limits, **options)
+    results, tally = _run(program, dataset, metric=metric, limits=given, **options)
     if tally is not None:  # a pool run counted as it went: no second pass over the results
         return (round(100 * tally.score / tally.rows, 2) if tally.rows else 0.0), results
     rows = results.count()
@@ -206,17 +187,8 @@ def summarize_run(results: Dataset, *, seconds: float | None = None) -> RunSumma
 
     One pass over the few columns it needs, batch by batch: fine for a dataset of any size.
     """
-    if not isinstance(results, ray.data.Dataset):
-        fail("results", "the ray.data.Dataset that run_program or evaluate returned", results)
-    if seconds is not None and (not is_number(seconds) or seconds < 0):
-        fail("seconds", "None or a number of seconds >= 0", seconds)
     columns = ["error", "prompt_tokens", "completion_tokens", "cost_usd"]
-    known = results.columns(fetch_if_missing=False)  # a lazy dataset's columns are checked as it runs
-    missing = [name for name in columns if known is not None and name not in known]
-    if missing:
-        raise ConfigurationError(
-            f"results must come from run_program or evaluate: it has no {', '.join(missing)} column(s)"
-        )
+    check_run_results(results, seconds, columns, dataset_type=ray.data.Dataset)
     scored = "score" in (results.columns() or ())
     tally = Tally()
     for batch in results.select_columns([*columns, "score"] if scored else columns).iter_batches(
@@ -238,18 +210,30 @@ def _run(
     input_keys: Any = None,
     concurrency: Any = None,
     threads_per_actor: Any = None,
-    batch_size: Any = 32,
+    batch_size: Any = C.RAY_DEFAULT_BATCH_SIZE,
     num_cpus: Any = None,
     materialize: Any = True,
     metric: Any = None,
-    failure_score: Any = 0.0,
+    failure_score: Any = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: Any = None,
-    limits: Mapping[str, Any] | None = None,
+    limits: Limits,
 ) -> tuple[Dataset, Tally | None]:
     """Check every argument (no Ray work before that), then run; a pool run also returns its tally."""
     sizes = {"concurrency": concurrency, "threads_per_actor": threads_per_actor, "num_cpus": num_cpus}
-    _check_run_arguments(program, lm, adapter, pool, sizes, batch_size, materialize, metric, failure_score)
-    run_limits = _check_run_limits(limits or {}, lm, pool, concurrency, threads_per_actor)
+    check_run_arguments(
+        program,
+        lm=lm,
+        adapter=adapter,
+        pool=pool,
+        sizes=sizes,
+        batch_size=batch_size,
+        materialize=materialize,
+        metric=metric,
+        failure_score=failure_score,
+        anyscale=Anyscale,
+        pool_type=ProgramPool,
+    )
+    run_limits = _check_run_limits(limits, lm, pool, concurrency, threads_per_actor)
     inputs = _inputs(dataset, input_keys)
     spec = RunSpec(program, tuple(inputs.keys), tuple(output_columns(program, metric)), metric, float(failure_score))
     # --- Ray work from here on.
@@ -276,19 +260,19 @@ def _end_ledger(limiter: Limiter | None, *, owned: bool) -> SpendReport | None:
 
 
 def _check_run_limits(
-    limits: Mapping[str, Any], lm: Any, pool: ProgramPool | None, concurrency: Any, threads: Any
+    limits: Limits, lm: Any, pool: ProgramPool | None, concurrency: Any, threads: Any
 ) -> Limits | None:
     if pool is None:
-        return check_limits(
+        return check_job_limits(
             limits,
             lm=lm,
             where="a Ray job",
-            sizes=(concurrency or DEFAULT_CONCURRENCY, threads or DEFAULT_THREADS_PER_ACTOR),
+            sizes=(concurrency or C.RAY_DEFAULT_CONCURRENCY, threads or C.RAY_DEFAULT_THREADS_PER_ACTOR),
             existing=lm.limiter,
             hint=on_the_lm_or_here(lm.limiter),
         )
     own = pool.limits is not None
-    return check_limits(
+    return check_job_limits(
         limits,
         lm=pool.lm,
         where="a run on this pool",
@@ -304,36 +288,6 @@ def _check_run_limits(
 
 
 _RUN_OPTIONS = frozenset({"adapter", "concurrency", "threads_per_actor", "batch_size", "num_cpus", "materialize"})
-
-
-def _check_run_arguments(
-    program: Any,
-    lm: Any,
-    adapter: Any,
-    pool: Any,
-    sizes: Mapping[str, Any],
-    batch_size: Any,
-    materialize: Any,
-    metric: Any,
-    failure_score: Any,
-) -> None:
-    """``sizes``: concurrency, threads_per_actor and num_cpus, each None (the default, or the pool's) or a value."""
-    check_program(program)
-    check_adapter(adapter)
-    check_positive_ints(batch_size=batch_size)
-    check_optional(**sizes)
-    if not isinstance(materialize, bool):
-        fail("materialize", "True or False", materialize)
-    if metric is not None and not callable(metric):
-        fail("metric", "None or a callable metric(example, prediction, trace=None)", metric)
-    if not is_number(failure_score):
-        fail("failure_score", "a number (the score of a row whose program raised)", failure_score)
-    if pool is not None:
-        if not isinstance(pool, ProgramPool):
-            fail("pool", "a ProgramPool (or None)", pool)
-        pool._check_run_settings(lm, adapter, **sizes)
-    else:
-        check_lm(lm)
 
 
 def _run_on_pool(
@@ -380,16 +334,16 @@ def _run_on_ray_data(
     lazy run may execute again: its ledger stays in Ray as long as its dataset (which holds the
     actor's handle), the LM's until ``lm.limiter.bring_home()``.
     """
-    threads = threads_per_actor or DEFAULT_THREADS_PER_ACTOR
+    threads = threads_per_actor or C.RAY_DEFAULT_THREADS_PER_ACTOR
     started = time.perf_counter()
     try:
         results = inputs.dataset().map_batches(
             ProgramActor,
             fn_constructor_kwargs={"spec": spec, "lm_state": lm.dump_state(), "adapter": adapter, "threads": threads},
-            compute=ray.data.ActorPoolStrategy(size=concurrency or DEFAULT_CONCURRENCY),
+            compute=ray.data.ActorPoolStrategy(size=concurrency or C.RAY_DEFAULT_CONCURRENCY),
             batch_size=batch_size,
             batch_format="pyarrow",
-            num_cpus=DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
+            num_cpus=C.RAY_DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
         )
         if not materialize:
             return results
@@ -424,18 +378,18 @@ class _Inputs:
 def _inputs(dataset: Any, input_keys: Any) -> _Inputs:
     if isinstance(dataset, ray.data.Dataset):
         if input_keys is None:
-            _require_input_keys()
+            require_input_keys()
         # Only a schema Ray already knows: fetching one would run the dataset's first blocks.
-        return _Inputs(_check_input_keys(input_keys, dataset.columns(fetch_if_missing=False)), data=dataset)
-    items = _items(dataset)
+        return _Inputs(check_input_keys(input_keys, dataset.columns(fetch_if_missing=False)), data=dataset)
+    items = check_dataset_items(dataset)
     rows = _one_type_per_column([dict(item.toDict() if isinstance(item, dspy.Example) else item) for item in items])
     if input_keys is None:
         declared = [set(i.inputs().keys()) for i in items if isinstance(i, dspy.Example) and i._input_keys]
         if not declared:
-            _require_input_keys()
+            require_input_keys()
         input_keys = sorted(set.union(*declared))
     columns = set().union(*(row.keys() for row in rows)) if rows else None
-    return _Inputs(_check_input_keys(input_keys, columns), rows=rows)
+    return _Inputs(check_input_keys(input_keys, columns), rows=rows)
 
 
 def _one_type_per_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -450,42 +404,3 @@ def _one_type_per_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "; ".join(f"column {name!r} ({' and '.join(types)})" for name, types in mixed.items()),
     )
     return as_text(rows, mixed)
-
-
-def _items(dataset: Any) -> list[Any]:
-    expected = "a ray.data.Dataset or an iterable (list, generator) of dicts or dspy.Example"
-    if hasattr(dataset, "to_dict") and hasattr(dataset, "columns"):  # a DataFrame iterates over its column names
-        fail("dataset", f"{expected} (for a pandas DataFrame: ray.data.from_pandas(df))", dataset)
-    if isinstance(dataset, str | bytes | Mapping | dspy.Example) or not isinstance(dataset, Iterable):
-        fail("dataset", expected, dataset)
-    items = list(dataset)
-    for index, item in enumerate(items):
-        if not isinstance(item, Mapping | dspy.Example):
-            fail(f"dataset[{index}]", "a dict or a dspy.Example", item)
-    return items
-
-
-def _require_input_keys() -> NoReturn:
-    raise ConfigurationError(
-        "pass input_keys=[...]: which columns are the program's inputs (the rest, such as gold labels "
-        "for a metric, are carried through)"
-    )
-
-
-def _check_input_keys(keys: Any, columns: Iterable[str] | None) -> list[str]:
-    if (
-        isinstance(keys, str | bytes)
-        or not isinstance(keys, Sequence)
-        or not keys
-        or not all(isinstance(key, str) and key for key in keys)
-    ):
-        fail("input_keys", "a non-empty list of column names, such as ['question']", keys, show=True)
-    if columns is not None:
-        known = set(columns)
-        missing = [key for key in keys if key not in known]
-        if missing:
-            raise ConfigurationError(
-                f"input_keys names {', '.join(map(repr, missing))}, not a column of the dataset "
-                f"(its columns: {', '.join(map(repr, sorted(known)))})"
-            )
-    return list(keys)

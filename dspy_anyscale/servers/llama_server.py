@@ -28,7 +28,7 @@ Command line (``python -m dspy_anyscale.servers.llama_server`` or ``scripts/loca
     local-server stop
 
 Besides the standard library this module imports only :mod:`dspy_anyscale.servers._processes`
-(helpers shared with :mod:`dspy_anyscale.servers.portkey`); it does nothing on import.
+(helpers shared with :mod:`dspy_anyscale.servers.portkey`) and the package's error root; it does nothing on import.
 As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import AnyscaleError
 from . import _processes
 from ._cli import ServerCli
 from ._processes import Say, cache_dir
@@ -100,7 +101,7 @@ ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F1
 _SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_API_KEY")
 
 
-class LocalServerError(RuntimeError):
+class LocalServerError(AnyscaleError, RuntimeError):
     """Installing, starting or stopping the local server failed."""
 
 

@@ -29,7 +29,8 @@ Command line (``python -m dspy_anyscale.servers.phoenix``)::
 
     phoenix install | start | status | stop
 
-Besides the standard library this module imports only :mod:`._processes`; it does nothing on import.
+Besides the standard library this module imports only :mod:`._processes` and the package's error
+root; it does nothing on import.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import AnyscaleError
 from . import _processes
 from ._processes import Say, cache_dir
 
@@ -85,7 +87,7 @@ _BIND_MARKER = "address already in use"
 _SCRUBBED_ENV_PREFIXES = ("OTEL_", "PHOENIX_")
 
 
-class PhoenixError(RuntimeError):
+class PhoenixError(AnyscaleError, RuntimeError):
     """Installing, starting, querying or stopping Phoenix failed."""
 
 

@@ -49,7 +49,7 @@ Command line (``python -m dspy_anyscale.servers.portkey``)::
     portkey-gateway run [--port N]   # run in the foreground until interrupted
 
 Besides the standard library this module imports only :mod:`dspy_anyscale.servers._processes`
-(helpers shared with :mod:`dspy_anyscale.servers.llama_server`); it does nothing on import.
+(helpers shared with :mod:`dspy_anyscale.servers.llama_server`) and the package's error root; it does nothing on import.
 As part of the package it is run with ``python -m``, which imports the package (and so dspy) first.
 """
 
@@ -65,6 +65,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import AnyscaleError
 from . import _processes
 from ._processes import Say
 
@@ -127,7 +128,7 @@ def _preload_bytes() -> bytes:
     return PRELOAD_SOURCE.read_bytes()
 
 
-class GatewayError(RuntimeError):
+class GatewayError(AnyscaleError, RuntimeError):
     """Installing, starting or stopping the Portkey gateway failed."""
 
 
