@@ -22,8 +22,8 @@ from dspy.utils.exceptions import (
 
 from dspy_anyscale.testing import Fault
 
-from .conftest import SECRET
-from .leaks import no_leaked_sockets
+from ..conftest import SECRET
+from ..leaks import no_leaked_sockets
 
 ENDPOINTS = [pytest.param(False, id="completions"), pytest.param(True, id="chat")]
 MODES = [pytest.param("sync", id="sync"), pytest.param("async", id="async")]

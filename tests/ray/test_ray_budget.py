@@ -16,7 +16,7 @@ from dspy_anyscale import Anyscale  # noqa: E402
 from dspy_anyscale.errors import BudgetExceededError, ConfigurationError  # noqa: E402
 from dspy_anyscale.limits import Limits  # noqa: E402
 
-from .conftest import MODEL, SECRET  # noqa: E402
+from ..conftest import MODEL, SECRET  # noqa: E402
 from .test_ray import exact, examples, no_ray_work, start_local_ray  # noqa: E402, F401 (no_ray_work: a fixture)
 
 pytestmark = pytest.mark.ray
@@ -29,7 +29,7 @@ REFUSED = "BudgetExceededError: "
 
 @pytest.fixture(scope="module")
 def local_ray():
-    return start_local_ray()  # shared with tests/test_ray.py, which shuts it down
+    return start_local_ray()  # shared with tests/ray/test_ray.py, which shuts it down
 
 
 def priced_lm(base_url: str, **limits) -> Anyscale:

@@ -238,7 +238,7 @@ def test_copies_share_the_ledger_and_saved_state_keeps_the_limits(make_lm):
 
 
 def test_an_unpickled_lm_never_gets_a_fresh_budget(make_lm, monkeypatch):
-    from .conftest import SECRET
+    from ..conftest import SECRET
 
     lm = make_lm(prices=PRICES, budget_usd=1.0)
     lm("spend a little")

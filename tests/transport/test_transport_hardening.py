@@ -20,7 +20,7 @@ from dspy.utils.exceptions import LMError, LMProviderError, LMTransportError
 import dspy_anyscale
 from dspy_anyscale.testing import Fault
 
-from .conftest import MODEL, SECRET
+from ..conftest import MODEL, SECRET
 
 ENDPOINTS = [pytest.param(False, id="completions"), pytest.param(True, id="chat")]
 MODES = [pytest.param("sync", id="sync"), pytest.param("async", id="async")]

@@ -27,7 +27,7 @@ from dspy_anyscale._transport.common import Failure
 from dspy_anyscale.errors import UnexpectedResponseError
 from dspy_anyscale.testing import Fault
 
-from .conftest import SECRET
+from ..conftest import SECRET
 
 BASE = "https://svc.anyscaleuserdata.com/v1"
 CHAT = f"{BASE}/chat/completions"
@@ -229,7 +229,7 @@ def test_a_redirect_is_not_followed(stub, stub_transport):
 
 
 def test_after_a_fork_the_inherited_pool_is_dropped_without_a_byte_sent(stub, stub_transport):
-    """Simulated in this process: the hook a forked child runs. The real fork is tests/test_fork.py."""
+    """Simulated in this process: the hook a forked child runs. The real fork is tests/transport/test_fork.py."""
     stub_transport.request_json("POST", "/chat/completions", BODY)
     inherited = stub_transport._slot.adapter
     pooled = [conn for conn in urllib3_stack.opened if not conn.is_closed]

@@ -25,7 +25,7 @@ from dspy_anyscale._transport import AsyncTransport
 from dspy_anyscale.errors import UnexpectedResponseError
 from dspy_anyscale.testing import Fault
 
-from .conftest import SECRET
+from ..conftest import SECRET
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 PACKAGE_ROOT = str(Path(dspy_anyscale.__file__).resolve().parents[1])

@@ -14,13 +14,13 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 
 from dspy_anyscale import Anyscale  # noqa: E402
 
-from .conftest import MODEL, SECRET  # noqa: E402
+from ..conftest import MODEL, SECRET  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 
 def start_local_ray():
-    """One local Ray per test session, whichever Ray test file asks first (tests/test_ray_pool.py too)."""
+    """One local Ray per test session, whichever Ray test file asks first (tests/ray/test_ray_pool.py too)."""
     if ray.is_initialized():
         return ray
     # Workers inherit the environment of ray.init: that is how they get the key, never from the LM.

@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 
 from dspy_anyscale import Anyscale  # noqa: E402
 
-from .conftest import MODEL, SECRET  # noqa: E402
+from ..conftest import MODEL, SECRET  # noqa: E402
 from .test_ray import by_question, check_unruly, examples, start_local_ray, unruly_program, unruly_rows  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="session")
 def local_ray():
-    return start_local_ray()  # shared with tests/test_ray.py, which shuts it down
+    return start_local_ray()  # shared with tests/ray/test_ray.py, which shuts it down
 
 
 def pool_lm(base_url: str) -> Anyscale:

@@ -32,9 +32,9 @@ from dspy_anyscale import Anyscale, ConfigurationError, tracing
 from dspy_anyscale.testing import Fault
 from dspy_anyscale.tracing import _attributes as A
 
-from .conftest import MODEL, SECRET
+from ..conftest import MODEL, SECRET
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Telemetry:
@@ -633,7 +633,7 @@ def test_a_cache_hit_nests_under_openinferences_lm_span_like_a_miss(otel, make_t
 @pytest.mark.ray
 def test_a_ray_task_joins_the_drivers_trace(otel, stub):
     ray = pytest.importorskip("ray")
-    from .test_ray import start_local_ray
+    from ..ray.test_ray import start_local_ray
 
     start_local_ray()
 

@@ -1,0 +1,1 @@
+"""Tests of dspy_anyscale.tracing: OpenTelemetry spans and metrics."""
