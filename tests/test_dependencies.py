@@ -26,7 +26,7 @@ SETUP_CFG = Path(__file__).resolve().parents[1] / "setup.cfg"  # the source tree
 # the card names the ``dspy-ai`` distribution, which installs ``dspy``.
 DECLARED_AS = {"dspy": "dspy-ai"}
 # Parts of the package that only run with an extra installed, and that extra.
-EXTRA_ONLY = {"ray/": "ray", "limits/_ray.py": "ray", "tracing/": "otel"}
+EXTRA_ONLY = {"ray/": "ray", "limits/_ray.py": "ray", "tracing/": "otel", "runs/parquet.py": "parquet"}
 
 
 def _requirements(text: str) -> dict[str, str]:
@@ -96,8 +96,13 @@ def test_the_imports_are_found():
 def test_every_imported_module_is_declared_with_a_lower_bound(module):
     required, extras = _declared()
     distributions = _distributions(module)
-    assert distributions, f"{module} is imported but no installed distribution provides it"
     needed_by = {_extra_of(where) for where in IMPORTS[module]}
+    if not distributions and None not in needed_by:
+        # Only parts behind an extra import it, and that extra is not installed here (the clean
+        # virtual environment CI installs the wheel into has the test extra only): the import name
+        # is the distribution's name for every such module today.
+        distributions = {_normalise(module)}
+    assert distributions, f"{module} is imported but no installed distribution provides it"
     for extra in needed_by:
         declared = required if extra is None else {**required, **extras.get(extra, {})}
         place = "install_requires" if extra is None else f"install_requires or the {extra!r} extra"

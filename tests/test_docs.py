@@ -580,4 +580,7 @@ def test_an_example_that_calls_a_deprecated_api_fails_its_page(tmp_path: Path) -
 
 
 if __name__ == "__main__":
+    # Run as a script, Python puts tests/ first on sys.path, where tests/ray/ (the Ray tests) would
+    # shadow the real ray for the examples: take it out as a user's script would never see it.
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
     sys.exit(main())
