@@ -30,6 +30,8 @@ from dspy.lm15 import Config, Message, Request
 from dspy_anyscale import Anyscale
 from dspy_anyscale.catalog import Prices
 from dspy_anyscale.limits import Estimate, Limiter, Limits
+from dspy_anyscale.limits._cooling import CoolingLimiter
+from dspy_anyscale.limits._outer import outer_limiters
 from dspy_anyscale.testing import StubServer
 
 KEY = "sk-bench"
@@ -69,6 +71,7 @@ ESTIMATE = Estimate.for_payload(PAYLOAD, PRICES)
 
 def limiter_variants() -> dict[str, Callable[[], object]]:
     unlimited = Limiter.disabled()
+    cooling = CoolingLimiter()
     loose = Limiter(LOOSE)
 
     def nothing() -> None:
@@ -81,6 +84,15 @@ def limiter_variants() -> dict[str, Callable[[], object]]:
 
     def unlimited_permit() -> None:
         with unlimited.acquire(None) as permit:
+            nothing()
+            permit.settle(100, 20)
+
+    def cooling_permit() -> None:
+        # What the engine of an LM without limits does: no Router around it (one context-variable read),
+        # then the cool-down-only limiter (one attribute read while no 429 has been seen).
+        if outer_limiters():
+            raise AssertionError
+        with cooling.acquire(None) as permit:
             nothing()
             permit.settle(100, 20)
 
@@ -98,6 +110,7 @@ def limiter_variants() -> dict[str, Callable[[], object]]:
         "no limiter": nothing,
         "Limiter.disabled(), `if limiter.enabled` check": guarded_unlimited,
         "Limiter.disabled(), no-op permit always": unlimited_permit,
+        "no limits: shared 429 cool-down + Router check": cooling_permit,
         "configured, not binding": loose_limiter,
         "configured, not binding, + prompt estimate": loose_with_estimate,
     }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
+from urllib.parse import urlsplit
 
 from . import _constants as C
 from ._secrets import Secret
@@ -59,6 +61,28 @@ class Endpoint:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+
+@lru_cache(maxsize=64)  # an LM names its one endpoint on every call: parse each URL once
+def endpoint_name(base_url: str) -> str:
+    """What accounting calls a plain LM's service (history and usage ``endpoint``, spans): the base
+    URL's ``host[:port]``, the port left out when it is the scheme's default.
+
+    >>> endpoint_name("http://127.0.0.1:8080/v1"), endpoint_name("https://svc.anyscaleuserdata.com/v1")
+    ('127.0.0.1:8080', 'svc.anyscaleuserdata.com')
+    """
+    try:
+        parts = urlsplit(base_url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return base_url
+    if not host:
+        return base_url
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None or port == _DEFAULT_PORTS.get(parts.scheme) else f"{host}:{port}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _dotenv_values() -> Mapping[str, str | None]:

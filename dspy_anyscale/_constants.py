@@ -157,9 +157,57 @@ RAY_POOL_BATCHES_PER_WORKER = 2
 # How often a pool run looks at workers that are (re)starting.
 RAY_POOL_POLL_S = 1.0
 
+# --- Long runs: output, resume, progress, interruption (dspy_anyscale.runs) ----------------------------
+# Threads of a local run (dspy_anyscale.run_program / evaluate): rows, and so requests, in flight at once.
+RUNS_DEFAULT_NUM_THREADS = 16
+# How often the run's loop wakes up when no row has finished: to see a Ctrl-C, to refresh the progress.
+RUNS_POLL_S = 0.1
+# After the first Ctrl-C (or a budget used up), how long the rows in flight may take to finish and be
+# written; those still running then are left to the resumed run.
+RUNS_INTERRUPT_WAIT_S = 60.0
+# Output: what each kind of path is. A path with another suffix is refused; one without is a directory.
+RUNS_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+RUNS_PARQUET_SUFFIX = ".parquet"
+# JSONL: every row is flushed to the operating system as it is written (a killed process loses only the
+# rows in flight); fsync (the disk itself, for a machine that loses power) at most this often, and at the end.
+RUNS_FSYNC_INTERVAL_S = 1.0
+# How much of a JSONL file's end is read at a time, looking for the last whole line to resume from.
+RUNS_TAIL_READ_BYTES = 65536
+# Parquet: rows are written as part files (one row group each, readable on their own, on any filesystem):
+# a part when this many rows have finished, or this many seconds after its first row.
+RUNS_PARQUET_PART_ROWS = 1000
+RUNS_PARQUET_PART_SECONDS = 10.0
+# The manifest (what the run was: signatures, input columns, id column): beside a JSONL file
+# (results.jsonl.manifest.json), inside a Parquet directory (readers skip names starting with "_"),
+# in the parts directory of a .parquet file (results.parquet.parts/) while it is written.
+RUNS_MANIFEST_SUFFIX = ".manifest.json"
+RUNS_MANIFEST_NAME = "_manifest.json"
+RUNS_PARTS_SUFFIX = ".parts"
+RUNS_MANIFEST_FORMAT = "dspy-anyscale run"
+RUNS_MANIFEST_VERSION = 1
+# The key under which a .parquet file's schema metadata holds its manifest.
+RUNS_PARQUET_METADATA_KEY = "dspy_anyscale.manifest"
+# A row_id made from the input fields: this many hex digits of their SHA-256 (64 bits: at 500,000 rows
+# the chance of any two distinct inputs sharing one is about 1 in 100 million).
+RUNS_ROW_ID_DIGITS = 16
+# Progress without a terminal: a log line this often (and at the start and the end).
+RUNS_PROGRESS_LOG_INTERVAL_S = 30.0
+# Progress on a terminal: the bar is redrawn at most this often.
+RUNS_PROGRESS_REFRESH_S = 0.5
+
 # --- Usage records ---------------------------------------------------------------------------------
 # Records an LM keeps in memory (lm.usage); the usage log file keeps everything.
 USAGE_RECORDS_KEPT = 10_000
+# What `python -m dspy_anyscale usage --by ...` and usage.summarize(by=...) group calls by: a record's
+# field (endpoint: the service that answered, a Router's member name or the LM's host:port; module:
+# the DSPy module that made the call, e.g. generate_query.predict).
+USAGE_SUMMARY_GROUPS = ("model", "endpoint", "module")
+# Finding a module's name in its parent (dspy_anyscale._attribution) searches lists and dicts the parent
+# holds up to this length: it runs on every call, and a longer one (a corpus) holds no modules.
+ATTRIBUTION_LARGEST_CONTAINER = 256
+# An x-ratelimit-* header value is kept to this many characters (records and spans are no place for a
+# gateway's essay).
+RATE_LIMIT_HEADER_CHARS = 64
 
 # --- CLI -------------------------------------------------------------------------------------------
 # `python -m dspy_anyscale demo`: room for a ChainOfThought's reasoning and answer from a small model.
@@ -198,3 +246,24 @@ BOUND_TOKENS_PER_REQUEST = 64
 # belong to an event loop that has stopped: such tasks cannot take their turn or free their slot, and
 # nothing else would wake the queue. Cheap (one lock, a few attribute reads); only waiting callers poll.
 GATE_STALL_CHECK_S = 0.25
+
+# --- Router (dspy_anyscale.router) ------------------------------------------------------------------
+# The strategy a Router uses when none is named: try the members in the order given.
+ROUTER_DEFAULT_STRATEGY = "fallback"
+# Consecutive failures (5xx, timeouts, resets, 429s) after which a member is skipped for
+# ROUTER_COOLDOWN_S, then given one trial request (half-open). LiteLLM's Router defaults, which
+# users of routers know: allowed_fails=3, cooldown_time=5 s.
+ROUTER_ALLOWED_FAILS = 3
+ROUTER_COOLDOWN_S = 5.0
+# Answered calls per member whose latency makes its moving p50 (the "latency" strategy, health()).
+ROUTER_LATENCY_WINDOW = 32
+# Active probes (health_check_interval_s=...) of cooling members: GET /models with these timeouts
+# (connect, read), short: a probe that hangs would delay the next one.
+ROUTER_PROBE_TIMEOUT = (DEFAULT_CONNECT_TIMEOUT, 10.0)
+# How long close() waits for the probe thread to notice it should stop (it is a daemon thread:
+# it never keeps the process alive, whatever happens here).
+ROUTER_PROBE_STOP_WAIT_S = 2.0
+# A Portkey target without "weight" counts as this in a loadbalance config (Portkey's default).
+ROUTER_DEFAULT_WEIGHT = 1.0
+# How much of each member's error the final error's note quotes (the note names every member tried).
+ROUTER_NOTE_CHARS = 300

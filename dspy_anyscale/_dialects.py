@@ -16,11 +16,15 @@ from __future__ import annotations
 import logging
 import re
 import threading
-
-from dspy import lm15
+from typing import TYPE_CHECKING
 
 from . import _constants as C
 from ._wire import ResponseFormatStyle, WireCall
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import InvalidRequestError, LM15Error, lm15
+else:
+    from dspy import lm15
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -50,7 +54,7 @@ class DialectMemo:
         with self._lock:
             return self._styles.get(identity, "openai")
 
-    def learn(self, identity: str, style: ResponseFormatStyle, url: str, refusal: lm15.LM15Error) -> None:
+    def learn(self, identity: str, style: ResponseFormatStyle, url: str, refusal: LM15Error) -> None:
         """``style`` was accepted after the other form was refused with ``refusal``."""
         with self._lock:
             known = self._styles.get(identity, "openai")
@@ -105,7 +109,7 @@ def may_be_dialect_refusal(call: WireCall, error: BaseException) -> bool:
     return bool(_MENTIONS_FORMAT.search(error.message or ""))
 
 
-def both_refused(resend: WireCall, first: lm15.LM15Error, second: lm15.LM15Error) -> lm15.InvalidRequestError:
+def both_refused(resend: WireCall, first: LM15Error, second: LM15Error) -> InvalidRequestError:
     """One error for a server that refused both JSON-mode forms (``first``, then ``second`` to ``resend``),
     quoting each refusal: the first one's text says what the server makes of the form it usually gets."""
     style = _OTHER[sent_style(resend) or "anyscale"]

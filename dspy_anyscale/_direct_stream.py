@@ -17,12 +17,14 @@ import os
 import queue
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
-from dspy.lm15 import Response
 
 from . import _constants as C
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none)
+    from ._dspy_types import Response
 
 _END = object()
 _LOOP_THREAD_NAME = "dspy-anyscale-loop"
@@ -45,7 +47,8 @@ class _QueueSink:
 
 def _chunk_text(chunk: Any) -> str | None:
     try:
-        return chunk["choices"][0]["delta"].get("content")
+        text: str | None = chunk["choices"][0]["delta"].get("content")  # an OpenAI-style chunk from DSPy
+        return text
     except (KeyError, IndexError, TypeError, AttributeError):
         return None
 

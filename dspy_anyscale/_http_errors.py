@@ -12,14 +12,19 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
 import orjson
-from dspy import lm15
 
 from . import _constants as C
 from ._secrets import Secret, Secrets, redact
 from ._text import preview
 from .errors import UnexpectedResponseError
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import ErrorDetails, LM15Error, lm15
+else:
+    from dspy import lm15
 
 # Phrases servers use for "prompt + max_tokens do not fit the context window":
 # vLLM / Ray Serve LLM ("maximum context length"), llama.cpp (exceed_context_size_error,
@@ -63,7 +68,7 @@ def _seconds(value: object) -> float | None:
     if value is None:
         return None
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)  # type: ignore[arg-type]  # any object: what float() refuses is caught below
     except (TypeError, ValueError, OverflowError):
         return None
     if math.isnan(number) or number < 0:
@@ -140,12 +145,12 @@ def error_for_status(
     url: str,
     secret: str | Secret | Secrets | None,
     method: str = "POST",
-) -> lm15.LM15Error:
+) -> LM15Error:
     """The lm15 error for a non-2xx answer. ``headers`` must be case-insensitive."""
     message, code = error_detail(body)
     request_id = headers.get("x-request-id") or headers.get("request-id")
     text = redact(f"{message} ({method} {url} → HTTP {status})", secret)
-    common = {"provider": C.PROVIDER, "status": status, "provider_code": code, "request_id": request_id}
+    common: ErrorDetails = {"provider": C.PROVIDER, "status": status, "provider_code": code, "request_id": request_id}
     if status in (401, 403):
         return lm15.AuthError(text, credential_hint=_AUTH_HINT, **common)
     if status == 402:

@@ -25,13 +25,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _constants as C
+from ._attribution import current_module
+
+if TYPE_CHECKING:
+    from ._dspy_types import Request
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -50,7 +54,7 @@ class AttemptStart:
     started: float  # time.perf_counter()
     number: int  # 0 for the call's first attempt, then 1, 2, ... (retries and candidates)
     waited_s: float | None  # time since the call's previous attempt ended (DSPy's backoff), None for the first
-    request: Any = field(default=None, repr=False, compare=False)  # the dspy.lm15.Request (prompt text: opt-in only)
+    request: Request | None = field(default=None, repr=False, compare=False)  # the prompt text: opt-in only
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class Attempt:
     response_model: str | None = None
     finish_reason: str | None = None
     output_text: str | None = field(default=None, repr=False)  # the completion (record it only when opted in)
+    response_id: str | None = None  # the answer's own id (its JSON "id")
+    cached_tokens: int | None = None  # prompt tokens the server served from its prompt cache (None: not said)
+    rate_limit: Mapping[str, str] | None = None  # the answer's x-ratelimit-* headers, lower-case names
 
     @property
     def endpoint(self) -> str:
@@ -92,6 +99,11 @@ class Observer:
     def attempt_started(self, call: Call, attempt: AttemptStart) -> None:
         """An HTTP attempt of ``call`` is about to be sent."""
 
+    def attempt_headers(self, call: Call, attempt: AttemptStart) -> Mapping[str, str] | None:
+        """Headers this observer adds to the attempt's HTTP request (tracing: ``traceparent``), or None.
+        Asked right after :meth:`attempt_started`; never part of the cache identity."""
+        return None
+
     def attempt_finished(self, call: Call, attempt: Attempt) -> None:
         """An HTTP attempt of ``call`` is over (answered, failed, or its stream was closed)."""
 
@@ -110,6 +122,8 @@ class Call:
     model: str
     observers: tuple[Observer, ...]
     stream: bool = False  # lm.stream / lm.astream: its request runs in another task than the caller's
+    routed_as: str | None = None  # the member name a Router called this LM under (None: not routed)
+    module: str | None = None  # the DSPy module that made the call (``generate_query.predict``), None: direct
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     state: dict[int, Any] = field(default_factory=dict)  # id(observer) -> what that observer keeps
@@ -153,6 +167,46 @@ class Call:
 _current: ContextVar[Call | None] = ContextVar("dspy_anyscale_call", default=None)
 
 
+# --- routes: a Router's call to one of its members -----------------------------------------------
+
+
+@dataclass(eq=False)
+class Route:
+    """A Router's call to one of its members, in progress: the name the member's accounting goes
+    under (the ``endpoint`` of history entries, usage records and spans), and the history entries
+    answered under it, which the Router adds to its own history. ``with route:`` makes it current."""
+
+    endpoint: str
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    _token: Any = field(default=None, repr=False)
+
+    # A class, not @contextmanager: it is on the path of every routed call.
+    def __enter__(self) -> Route:
+        self._token = _route.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _route.reset(self._token)
+
+
+_route: ContextVar[Route | None] = ContextVar("dspy_anyscale_route", default=None)
+
+
+def current_route() -> Route | None:
+    """The Router member call this code runs in (threads and tasks started inside inherit it), or None."""
+    return _route.get()
+
+
+def routed(endpoint: str) -> Route:
+    """``with routed(name) as route:``: the calls made inside are a Router's call to its member ``name``."""
+    return Route(endpoint)
+
+
+def _routed_as() -> str | None:
+    route = _route.get()
+    return None if route is None else route.endpoint
+
+
 def _notify(observers: tuple[Observer, ...], hook: str, *args: Any) -> None:
     for observer in observers:
         try:
@@ -168,7 +222,7 @@ def open_call(observers: tuple[Observer, ...], model: str, *, stream: bool = Fal
     """A new call, or None when there is nothing to observe or a call is open already (nested entry points)."""
     if not observers or _current.get() is not None:
         return None
-    call = Call(model, observers, stream)
+    call = Call(model, observers, stream, _routed_as(), current_module())
     _notify(observers, "call_started", call)
     return call
 
@@ -177,6 +231,17 @@ def finish_call(call: Call | None, error: BaseException | None = None) -> None:
     """The caller is done with ``call``; the observers hear of it once its attempts in flight have ended too."""
     if call is not None and call._end(error):
         _notify(call.observers, "call_finished", call, error)
+
+
+def current_call() -> Call | None:
+    """The call in progress in this context, or None."""
+    return _current.get()
+
+
+def calling_module() -> str | None:
+    """The DSPy module making the call in progress here (as its call recorded it), or None."""
+    call = _current.get()
+    return call.module if call is not None else current_module()
 
 
 def call_answered() -> None:
@@ -221,7 +286,7 @@ def observed_call(observers: tuple[Observer, ...], model: str) -> Iterator[Call 
 class AttemptScope:
     """The engine's handle on one attempt: what came back, told to the observers when it ends."""
 
-    __slots__ = ("_call", "_fields", "_own_call", "_start", "ttft_s")
+    __slots__ = ("_call", "_fields", "_own_call", "_start", "headers", "ttft_s")
 
     def __init__(self, call: Call, start: AttemptStart, own_call: bool) -> None:
         self._call = call
@@ -229,9 +294,10 @@ class AttemptScope:
         self._own_call = own_call
         self._fields: dict[str, Any] = {}
         self.ttft_s: float | None = None
+        self.headers: dict[str, str] | None = None  # what observers add to the request (trace context)
 
-    def replied(self, status: int, request_id: str | None) -> None:
-        self._fields.update(status=status, request_id=request_id)
+    def replied(self, status: int, request_id: str | None, rate_limit: Mapping[str, str] | None = None) -> None:
+        self._fields.update(status=status, request_id=request_id, rate_limit=rate_limit or None)
 
     def first_token(self) -> None:
         if self.ttft_s is None:
@@ -244,6 +310,9 @@ class AttemptScope:
         response_model: str | None,
         finish: str | None,
         text: str | None = None,
+        *,
+        response_id: str | None = None,
+        cached_tokens: Any = None,
     ) -> None:
         self._fields.update(
             ok=True,
@@ -252,6 +321,8 @@ class AttemptScope:
             response_model=response_model,
             finish_reason=finish,
             output_text=text,
+            response_id=response_id,
+            cached_tokens=_count(cached_tokens),
         )
 
     def _finish(self, error: BaseException | None) -> None:
@@ -274,6 +345,20 @@ class AttemptScope:
             _notify(self._call.observers, "call_finished", self._call, held[0])
 
 
+def _headers(observers: tuple[Observer, ...], call: Call, start: AttemptStart) -> dict[str, str] | None:
+    """The headers the observers add to one attempt's request (None: none, the common case)."""
+    headers: dict[str, str] | None = None
+    for observer in observers:
+        try:
+            extra = observer.attempt_headers(call, start)
+        except Exception:  # bookkeeping never costs the caller an answer
+            logger.warning("%s.attempt_headers failed; the call goes on", type(observer).__name__, exc_info=True)
+            continue
+        if extra:
+            headers = {**(headers or {}), **extra}
+    return headers
+
+
 def _count(value: Any) -> int | None:
     """A token count as the server sent it, or None when it is missing or nonsense (a string, negative)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
@@ -288,7 +373,13 @@ def error_name(error: BaseException) -> str:
 
 @contextmanager
 def attempt(
-    observers: tuple[Observer, ...], *, endpoint: str, model: str, url: str, stream: bool = False, request: Any = None
+    observers: tuple[Observer, ...],
+    *,
+    endpoint: str,
+    model: str,
+    url: str,
+    stream: bool = False,
+    request: Request | None = None,
 ) -> Iterator[AttemptScope | None]:
     """Observe one HTTP attempt: inside the current call, or as a call of its own."""
     if not observers:
@@ -296,13 +387,14 @@ def attempt(
         return
     call, own = _current.get(), False
     if call is None:
-        call, own = Call(model, observers), True
+        call, own = Call(model, observers, routed_as=_routed_as(), module=current_module()), True
         _notify(observers, "call_started", call)
     started = time.perf_counter()
     number, waited = call._begin(started)
     start = AttemptStart(endpoint, model, url, stream, started, number, waited, request)
     _notify(observers, "attempt_started", call, start)
     scope = AttemptScope(call, start, own)
+    scope.headers = _headers(observers, call, start)
     try:
         yield scope
     except BaseException as exc:

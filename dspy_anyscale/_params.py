@@ -18,12 +18,16 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from dspy.lm15 import Config, Message, Request
 
 from .errors import InvalidParameterError, UnsupportedParameterError
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import Config, Request, lm15
+else:
+    from dspy import lm15
 
 Kind = Literal["sampling", "generation", "tools", "call"]
 
@@ -267,7 +271,7 @@ class DirectPlan:
     logprobs: bool = False
 
     def request(self, model: str, prompt: str) -> Request:
-        return Request(model=model, messages=(Message.user(prompt),), config=self.config)
+        return lm15.Request(model=model, messages=(lm15.Message.user(prompt),), config=self.config)
 
     def candidate_kwargs(self, index: int) -> dict[str, Any]:
         """DSPy call controls for candidate ``index``: each candidate gets its own cache entry."""
@@ -303,7 +307,7 @@ def plan_direct_call(options: Mapping[str, Any], extensions: Mapping[str, Any]) 
         _guard_typo(key)
         check_extra(key, value)
         extras[key] = value
-    config = Config(**fields, extensions=extras or None)
+    config = lm15.Config(**fields, extensions=extras or None)
     return DirectPlan(config, n, call_kwargs, logprobs=config.logprobs is not None)
 
 
@@ -331,7 +335,7 @@ def _typed_fields(options: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
+def _logprobs(logprobs: bool | int | None, top_logprobs: int | None) -> int | None:
     """OpenAI chat spelling (``logprobs=True, top_logprobs=k``) or completions spelling (``logprobs=k``)."""
     if logprobs is None or logprobs is False:
         if top_logprobs:

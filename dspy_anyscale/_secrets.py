@@ -71,10 +71,11 @@ def _json_holds_secret(value: str) -> bool:
     if not value.lstrip().startswith("{"):
         return False
     try:
-        data = orjson.loads(value)
+        data: object = orjson.loads(value)
     except orjson.JSONDecodeError:
         return False
-    return scrub(data) != data
+    scrubbed: object = scrub(data)
+    return scrubbed != data
 
 
 def scrub(data: Any) -> Any:

@@ -9,19 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from dspy import lm15
-from dspy.lm15 import (
-    Request,
-    StreamDeltaEvent,
-    StreamEndEvent,
-    StreamStartEvent,
-    TextDelta,
-    ThinkingDelta,
-    ToolCallDelta,
-)
 from requests.structures import CaseInsensitiveDict
 
 from . import _constants as C
@@ -31,6 +21,11 @@ from ._sse import ServerSentEvent
 from ._text import preview
 from ._wire import WireCall, chat_logprobs, completions_logprobs, finish_reason, usage_from
 from .errors import UnexpectedResponseError
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import LM15Error, Request, StreamDeltaEvent, StreamEndEvent, StreamEvent, Usage, lm15
+else:
+    from dspy import lm15
 
 _DONE = "[DONE]"
 
@@ -46,29 +41,31 @@ class StreamTranslator:
         self._started = False
         self._done = False
         self._finish: str | None = None
-        self._usage: lm15.Usage | None = None
+        self._usage: Usage | None = None
         self._parts: dict[tuple[Any, ...], int] = {}
         self._texts: list[str] = []
         self.characters = 0
         self.model: str | None = None  # what the server says answered
+        self.response_id: str | None = None  # the answer's id (its chunks' "id")
 
     @property
     def text(self) -> str:
         """The answer's text so far."""
         return "".join(self._texts)
 
-    def feed(self, sse: ServerSentEvent) -> list[Any]:
+    def feed(self, sse: ServerSentEvent) -> list[StreamEvent]:
         if self._done:
             return []
         if sse.data.strip() == _DONE:
             self._done = True
             return []
         chunk = self._parse(sse.data)
-        events: list[Any] = []
+        events: list[StreamEvent] = []
         if not self._started:
             self._started = True
             self.model = str(chunk["model"]) if chunk.get("model") else None
-            events.append(StreamStartEvent(id=chunk.get("id") or None, model=self.model or self._model))
+            self.response_id = str(chunk["id"]) if chunk.get("id") else None
+            events.append(lm15.StreamStartEvent(id=chunk.get("id") or None, model=self.model or self._model))
         if isinstance(chunk.get("usage"), Mapping):
             self._usage = usage_from(chunk["usage"])
         for choice in chunk.get("choices") or ():
@@ -76,7 +73,7 @@ class StreamTranslator:
                 events.extend(self._choice(choice))
         return events
 
-    def finish(self) -> list[Any]:
+    def finish(self) -> list[StreamEndEvent]:
         if not self._done and self._finish is None:
             got = f"after {self.characters} characters" if self._started else "before any data"
             raise lm15.TransportError(
@@ -88,7 +85,7 @@ class StreamTranslator:
             raise UnexpectedResponseError(
                 f"The stream from POST {self._url} ended with [DONE] but carried no data", provider=C.PROVIDER
             )
-        return [StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
+        return [lm15.StreamEndEvent(finish_reason=finish_reason(self._finish), usage=self._usage or lm15.Usage())]
 
     @contextmanager
     def interruptions(self) -> Iterator[None]:
@@ -121,7 +118,7 @@ class StreamTranslator:
             raise self._error(chunk)
         return chunk
 
-    def _error(self, chunk: dict[str, Any]) -> lm15.LM15Error:
+    def _error(self, chunk: dict[str, Any]) -> LM15Error:
         error = chunk["error"]
         code = error.get("code") if isinstance(error, Mapping) else None
         status = code if isinstance(code, int) and 400 <= code <= 599 else 500
@@ -130,13 +127,15 @@ class StreamTranslator:
     def _index(self, *key: Any) -> int:
         return self._parts.setdefault(key, len(self._parts))
 
-    def _choice(self, choice: Mapping[str, Any]) -> list[Any]:
-        events: list[Any] = []
+    def _choice(self, choice: Mapping[str, Any]) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
         if self._chat:
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
-                events.append(StreamDeltaEvent(ThinkingDelta(text=str(reasoning), part_index=self._index("thinking"))))
+                events.append(
+                    lm15.StreamDeltaEvent(lm15.ThinkingDelta(text=str(reasoning), part_index=self._index("thinking")))
+                )
             text = delta.get("content")
             logprobs = chat_logprobs(choice.get("logprobs")) or ()
             for call in delta.get("tool_calls") or ():
@@ -147,15 +146,17 @@ class StreamTranslator:
         if text:
             self.characters += len(text)
             self._texts.append(text)
-            events.append(StreamDeltaEvent(TextDelta(text=text, part_index=self._index("text"), logprobs=logprobs)))
+            events.append(
+                lm15.StreamDeltaEvent(lm15.TextDelta(text=text, part_index=self._index("text"), logprobs=logprobs))
+            )
         if choice.get("finish_reason"):
             self._finish = str(choice["finish_reason"])
         return events
 
     def _tool_delta(self, call: Mapping[str, Any]) -> StreamDeltaEvent:
         function = call.get("function") or {}
-        return StreamDeltaEvent(
-            ToolCallDelta(
+        return lm15.StreamDeltaEvent(
+            lm15.ToolCallDelta(
                 input=function.get("arguments") or "",
                 part_index=self._index("tool", call.get("index", 0)),
                 id=call.get("id"),

@@ -25,8 +25,8 @@ import os
 import re
 import reprlib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, Protocol, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import dspy
@@ -131,7 +131,7 @@ def check_generation_defaults(options: Mapping[str, Any]) -> None:
     plan_direct_call(options, {})
 
 
-def normalize_base_url(url: Any, origin: str = "api_base") -> str:
+def normalize_base_url(url: object, origin: str = "api_base") -> str:
     """Check a base URL and strip its trailing slash; refuse what cannot be a base URL.
 
     ``origin`` names where it came from (``api_base``, an environment variable, ``.env``).
@@ -300,8 +300,25 @@ def check_limits_fit(*, named: str, budget: bool, token_rate: bool, model: str, 
         )
 
 
+class _JobLimits(Protocol):
+    """What :func:`check_job_limits` reads of a ``Limits`` (named here: this module sits below ``limits/``)."""
+
+    @property
+    def max_concurrency(self) -> int | None: ...
+    @property
+    def tokens_per_minute(self) -> float | None: ...
+    @property
+    def budget_usd(self) -> float | None: ...
+    @property
+    def enabled(self) -> bool: ...
+    def as_kwargs(self) -> dict[str, Any]: ...
+
+
+_L = TypeVar("_L", bound=_JobLimits)
+
+
 def check_job_limits(
-    limits: Any,
+    limits: _L,
     *,
     lm: Any,
     where: str,
@@ -309,7 +326,7 @@ def check_job_limits(
     existing: Any = None,
     owner: str = "the lm",
     hint: str = "",
-) -> Any:
+) -> _L | None:
     """A Ray job's ``Limits``, or None when none is set, checked against the ``Anyscale`` LM whose
     requests they will hold.
 
@@ -334,15 +351,27 @@ def check_job_limits(
             f"({existing.limits.describe()}), and a request counts against one ledger. Set the limits in one "
             f"place: {hint}"
         )
-    check_limits_fit(
-        named=named,
-        budget=limits.budget_usd is not None,
-        token_rate=limits.tokens_per_minute is not None,
-        model=lm.model,
-        priced=lm.engine.prices is not None,
-        max_tokens=lm.kwargs.get("max_tokens"),
-    )
+    for leaf in _leaf_lms(lm):  # a Router's limits are sent by its members: each must give what they need
+        check_limits_fit(
+            named=named,
+            budget=limits.budget_usd is not None,
+            token_rate=limits.tokens_per_minute is not None,
+            model=leaf.model,
+            priced=leaf.engine.prices is not None,
+            max_tokens=leaf.kwargs.get("max_tokens"),
+        )
     return limits
+
+
+def _leaf_lms(lm: Any) -> Iterator[Any]:
+    """The ``Anyscale`` LMs that send ``lm``'s requests: itself, or a Router's members (read by their
+    ``members``: this layer imports no LM class)."""
+    members = getattr(lm, "members", None)
+    if not isinstance(members, Mapping):
+        yield lm
+        return
+    for member in members.values():
+        yield from _leaf_lms(member)
 
 
 # --- the Ray entry points -----------------------------------------------------------------------------
@@ -354,10 +383,25 @@ def check_program(program: Any) -> None:
         fail("program", expected, program, show=False)
 
 
-def check_lm(lm: Any, anyscale: type[Any]) -> None:
-    """``lm`` must be an ``Anyscale`` (``anyscale``: the class, given by the Ray entry points)."""
+def check_lm(lm: Any, anyscale: type[Any] | tuple[type[Any], ...]) -> None:
+    """``lm`` must be an ``Anyscale`` or a ``Router`` (``anyscale``: the classes, given by the Ray entry points).
+
+    A Router's members may not have limits of their own beyond ``max_concurrency``: each worker rebuilds
+    them from ``lm.dump_state()``, and would start a fresh ledger of its own for each (a budget per worker).
+    """
     if not isinstance(lm, anyscale):
-        fail("lm", "a dspy_anyscale.Anyscale (each worker rebuilds it from lm.dump_state())", lm, show=False)
+        expected = "a dspy_anyscale.Anyscale or Router (each worker rebuilds it from lm.dump_state())"
+        fail("lm", expected, lm, show=False)
+    if getattr(lm, "members", None) is None:
+        return
+    for leaf in _leaf_lms(lm):
+        limits = leaf.limiter.limits
+        if limits.enabled and set(limits.as_kwargs()) != {"max_concurrency"}:
+            raise ConfigurationError(
+                f"lm: the Router's member {leaf!r} has limits of its own ({limits.describe()}), which a Ray job "
+                "cannot share: each worker would rebuild the member with a fresh ledger. Set them on the Router "
+                "(Router(..., budget_usd=...): one ledger for the job) or pass limits=Limits(...) to the run"
+            )
 
 
 def check_adapter(adapter: Any) -> None:
@@ -390,7 +434,7 @@ def check_run_arguments(
     materialize: Any,
     metric: Any,
     failure_score: Any,
-    anyscale: type[Any],
+    anyscale: type[Any] | tuple[type[Any], ...],
     pool_type: type[Any],
 ) -> None:
     """``run_program`` / ``evaluate``'s arguments. ``sizes``: concurrency, threads_per_actor and num_cpus;
@@ -447,7 +491,7 @@ def check_pool_arguments(
     num_cpus: Any,
     max_restarts: Any,
     start_timeout: Any,
-    anyscale: type[Any],
+    anyscale: type[Any] | tuple[type[Any], ...],
 ) -> None:
     """``ProgramPool``'s arguments (``anyscale``: the ``Anyscale`` class)."""
     check_lm(lm, anyscale)
@@ -521,3 +565,134 @@ def check_run_results(results: Any, seconds: Any, columns: Sequence[str], *, dat
         raise ConfigurationError(
             f"results must come from run_program or evaluate: it has no {', '.join(missing)} column(s)"
         )
+
+
+# --- long runs: output, resume, progress (dspy_anyscale.run_program / evaluate, and the Ray ones) ------
+
+
+def check_output(output: object, filesystem: object) -> str:
+    """Where a run writes its rows; its kind: ``"jsonl"`` (a ``.jsonl`` / ``.ndjson`` file on this
+    machine), ``"parquet_file"`` (a ``.parquet`` file) or ``"parquet_dir"`` (a path without a suffix,
+    or ending in ``/``: a directory of Parquet parts), on the local disk, a URI pyarrow opens
+    (``s3://``, ``gs://``, ``hdfs://``, ...) or ``filesystem`` (a pyarrow or fsspec filesystem)."""
+    if not isinstance(output, str | os.PathLike):
+        fail("output", "a path or URI (str or os.PathLike) such as 'results.jsonl' or 's3://bucket/run/'", output)
+    text = os.fspath(output)
+    if not isinstance(text, str) or not text.strip() or "\0" in text:
+        fail("output", "a non-empty path or URI", output)
+    if filesystem is not None and not _is_filesystem(filesystem):
+        fail("filesystem", "None, a pyarrow.fs.FileSystem or an fsspec filesystem", filesystem, show=False)
+    name = text.rstrip("/").rsplit("/", 1)[-1]
+    suffix = os.path.splitext(name)[1].lower() if not text.endswith("/") else ""
+    if suffix in C.RUNS_JSONL_SUFFIXES:
+        if filesystem is not None or ("://" in text and not text.startswith("file://")):
+            raise ConfigurationError(
+                f"output={text!r}: a JSONL output is appended and flushed row by row, which only a local file "
+                "can do (an object store writes a file whole); for a remote filesystem write Parquet parts to "
+                "a directory (output='s3://bucket/run/') or a .parquet file"
+            )
+        return "jsonl"
+    if suffix == C.RUNS_PARQUET_SUFFIX:
+        return "parquet_file"
+    if suffix:
+        raise ConfigurationError(
+            f"output={text!r}: a run writes JSONL ({', '.join(C.RUNS_JSONL_SUFFIXES)}), a {C.RUNS_PARQUET_SUFFIX} "
+            "file, or a directory of Parquet parts (a path without a suffix, or ending in '/'); "
+            f"not {suffix!r}"
+        )
+    return "parquet_dir"
+
+
+def _is_filesystem(value: object) -> bool:
+    # Duck-typed, so that this module imports neither pyarrow nor fsspec: pyarrow's FileSystem opens
+    # output streams, fsspec's AbstractFileSystem has a protocol and opens files.
+    pyarrow_fs = callable(getattr(value, "open_output_stream", None))
+    fsspec_fs = hasattr(value, "protocol") and callable(getattr(value, "open", None))
+    return pyarrow_fs or fsspec_fs
+
+
+def check_run_flags(*, output: object, resume: object, retry_errors: object, progress: object) -> None:
+    """``resume`` and ``retry_errors`` continue an output, so they need one; ``progress`` is a flag,
+    or ``"ray"`` (Ray Data's own bars and logs, for the Ray entry points)."""
+    check_flag("resume", resume)
+    check_flag("retry_errors", retry_errors)
+    if progress != "ray":
+        check_flag("progress", progress)
+    if resume and output is None:
+        raise ConfigurationError("resume=True continues an earlier run from its output: pass output=... too")
+    if retry_errors and not resume:
+        raise ConfigurationError(
+            "retry_errors=True runs the error rows of an earlier run again: it needs resume=True (and its output=...)"
+        )
+
+
+def check_id_column(id_column: object, columns: Iterable[str] | None) -> str | None:
+    """The column that identifies each row (None: a digest of the input fields), a column of the data."""
+    if id_column is None:
+        return None
+    if not isinstance(id_column, str) or not id_column:
+        fail("id_column", "None or a column name, such as 'id'", id_column)
+    if columns is not None and id_column not in set(columns):
+        raise ConfigurationError(f"id_column={id_column!r} is not a column of the data")
+    return id_column
+
+
+def check_no_row_id_column(columns: Iterable[str], id_column: str | None, row_id: str) -> None:
+    """A column named like the one a run adds is the id, or a clash: say which to choose."""
+    if id_column != row_id and row_id in set(columns):
+        raise ConfigurationError(
+            f"the data has a {row_id!r} column, the name of the column a run adds (each row's id): pass "
+            f"id_column={row_id!r} to use it as the id, or rename it"
+        )
+
+
+def check_row_ids(ids: Sequence[str], values: Sequence[object], id_column: str) -> None:
+    """Every row has an id, and no two rows share one: a resumed run matches its rows by it."""
+    first: dict[str, int] = {}
+    for index, (row_id, value) in enumerate(zip(ids, values, strict=True)):
+        if value is None or row_id == "":
+            raise ConfigurationError(f"id_column={id_column!r}: row {index} has no value; every row needs its id")
+        if row_id in first:
+            raise ConfigurationError(
+                f"id_column={id_column!r}: rows {first[row_id]} and {index} share the id {row_id!r}; "
+                "ids must be unique (or leave id_column=None: rows are then told apart by their inputs)"
+            )
+        first[row_id] = index
+
+
+def check_num_threads(num_threads: object) -> int:
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        fail("num_threads", "a positive int", num_threads)
+    return num_threads
+
+
+def check_local_lm(lm: object) -> None:
+    """A local run's LM: any DSPy LM (an ``Anyscale`` also prices each row and can take limits)."""
+    if not isinstance(lm, dspy.BaseLM):
+        fail("lm", "a dspy LM, such as dspy_anyscale.Anyscale(...) (or dspy.configure(lm=...) first)", lm, show=False)
+
+
+def check_local_limits(limits: Any, lm: Any) -> Any:
+    """A local run's ``Limits`` (None when none is set): held by a copy of ``lm`` with a ledger of its own
+    for the run, so ``lm`` must be an ``Anyscale`` without limits of its own (one request, one ledger)."""
+    if not limits.enabled:
+        return None
+    named = ", ".join(limits.as_kwargs())
+    existing = getattr(lm, "limiter", None)
+    if existing is None or not callable(getattr(lm, "copy", None)):
+        raise ConfigurationError(f"{named}: limits for a run need a dspy_anyscale.Anyscale lm, got {type(lm).__name__}")
+    if existing.enabled:
+        raise ConfigurationError(
+            f"{named}: this run cannot have limits of its own: its requests already count against the lm's "
+            f"({existing.limits.describe()}), and a request counts against one ledger. Set the limits in one "
+            "place: on the lm, or here with an lm without"
+        )
+    check_limits_fit(
+        named=named,
+        budget=limits.budget_usd is not None,
+        token_rate=limits.tokens_per_minute is not None,
+        model=lm.model,
+        priced=lm.engine.prices is not None,
+        max_tokens=lm.kwargs.get("max_tokens"),
+    )
+    return limits

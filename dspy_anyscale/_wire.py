@@ -13,31 +13,36 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import orjson
-from dspy import lm15
-from dspy.lm15 import (
-    FunctionTool,
-    ImagePart,
-    Message,
-    RefusalPart,
-    Request,
-    Response,
-    TextPart,
-    ThinkingPart,
-    TokenLogprob,
-    ToolCallPart,
-    ToolResultPart,
-    TopLogprob,
-    Usage,
-)
 
 from . import _constants as C
 from ._identity import strip_identity_metadata
 from ._params import SAMPLING_FIELDS
 from ._text import preview
 from .errors import UnexpectedResponseError
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import (
+        Config,
+        FinishReason,
+        ImagePart,
+        Message,
+        Part,
+        Request,
+        Response,
+        TextPart,
+        TokenLogprob,
+        Tool,
+        ToolCallPart,
+        ToolChoice,
+        UnsupportedFeatureError,
+        Usage,
+        lm15,
+    )
+else:
+    from dspy import lm15
 
 EndpointKind = Literal["chat", "completions"]
 ResponseFormatStyle = Literal["openai", "anyscale"]
@@ -48,7 +53,7 @@ ENDPOINT_PATHS: Mapping[EndpointKind, str] = MappingProxyType({"chat": C.CHAT_PA
 # Body keys an extension may never set: they carry the request's structure, owned by this module
 # or by DSPy (n fan-out, streaming).
 _STRUCTURAL_KEYS = frozenset({"model", "messages", "prompt", "stream", "stream_options", "n"})
-_FINISH_REASONS = MappingProxyType(
+_FINISH_REASONS: Mapping[str, FinishReason] = MappingProxyType(
     {
         "stop": "stop",
         "eos": "stop",
@@ -93,7 +98,7 @@ class WireCall:
     payload: dict[str, Any]
 
 
-def unsupported(message: str, feature: str) -> lm15.UnsupportedFeatureError:
+def unsupported(message: str, feature: str) -> UnsupportedFeatureError:
     return lm15.UnsupportedFeatureError(message, feature=feature, provider=C.PROVIDER)
 
 
@@ -153,7 +158,7 @@ def _take_identity_off(extensions: dict[str, Any]) -> None:
         extensions["metadata"] = metadata
 
 
-def _common_fields(config: lm15.Config) -> dict[str, Any]:
+def _common_fields(config: Config) -> dict[str, Any]:
     body: dict[str, Any] = {
         name: getattr(config, name) for name in SAMPLING_FIELDS if getattr(config, name) is not None
     }
@@ -231,10 +236,10 @@ def _response_format(spec: Mapping[str, Any], options: WireOptions, style: Respo
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _tool(tool: Any, index: int, options: WireOptions) -> dict[str, Any]:
+def _tool(tool: Tool, index: int, options: WireOptions) -> dict[str, Any]:
     if not options.supports_tools:
         raise unsupported("tools: this Anyscale instance was built with supports_tools=False", f"tools[{index}]")
-    if not isinstance(tool, FunctionTool):
+    if not isinstance(tool, lm15.FunctionTool):
         raise unsupported(
             f"tools[{index}] {tool.name!r} is a provider built-in tool; OpenAI-compatible servers run function "
             "tools only",
@@ -246,7 +251,7 @@ def _tool(tool: Any, index: int, options: WireOptions) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: lm15.ToolChoice) -> dict[str, Any]:
+def _tool_choice(choice: ToolChoice) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if choice.mode == "none":
         body["tool_choice"] = "none"
@@ -313,14 +318,14 @@ def _chat_rows(message: Message, index: int) -> list[dict[str, Any]]:
     )
 
 
-def _user_content(parts: tuple[Any, ...], where: str) -> str | list[dict[str, Any]]:
-    if len(parts) == 1 and isinstance(parts[0], TextPart):
+def _user_content(parts: tuple[Part, ...], where: str) -> str | list[dict[str, Any]]:
+    if len(parts) == 1 and isinstance(parts[0], lm15.TextPart):
         return parts[0].text
     blocks: list[dict[str, Any]] = []
     for i, part in enumerate(parts):
-        if isinstance(part, TextPart):
+        if isinstance(part, lm15.TextPart):
             blocks.append({"type": "text", "text": part.text})
-        elif isinstance(part, ImagePart):
+        elif isinstance(part, lm15.ImagePart):
             blocks.append(_image_block(part, f"{where}.parts[{i}]"))
         else:
             raise unsupported(
@@ -342,13 +347,13 @@ def _image_block(part: ImagePart, where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": image}
 
 
-def _assistant_row(parts: tuple[Any, ...], where: str) -> dict[str, Any]:
+def _assistant_row(parts: tuple[Part, ...], where: str) -> dict[str, Any]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for i, part in enumerate(parts):
-        if isinstance(part, TextPart):
+        if isinstance(part, lm15.TextPart):
             texts.append(part.text)
-        elif isinstance(part, ToolCallPart):
+        elif isinstance(part, lm15.ToolCallPart):
             calls.append(
                 {
                     "id": part.id,
@@ -366,15 +371,15 @@ def _assistant_row(parts: tuple[Any, ...], where: str) -> dict[str, Any]:
     return row
 
 
-def _tool_row(part: Any, where: str) -> dict[str, Any]:
-    if not isinstance(part, ToolResultPart):
+def _tool_row(part: Part, where: str) -> dict[str, Any]:
+    if not isinstance(part, lm15.ToolResultPart):
         raise unsupported(f"{where}: a tool message holds tool results only", where)
     content = "".join(_text_of(item, f"{where}.content") for item in part.content)
     return {"role": "tool", "tool_call_id": part.id, "content": content}
 
 
-def _text_of(part: Any, where: str) -> str:
-    if isinstance(part, TextPart):
+def _text_of(part: Part, where: str) -> str:
+    if isinstance(part, lm15.TextPart):
         return part.text
     raise unsupported(f"{where}: only text is supported here, got {part.type}", where)
 
@@ -420,7 +425,7 @@ def _unexpected(data: Any, url: str, status: int, why: str) -> UnexpectedRespons
     )
 
 
-def finish_reason(raw: Any) -> str:
+def finish_reason(raw: Any) -> FinishReason:
     return _FINISH_REASONS.get(str(raw), "stop") if raw else "stop"
 
 
@@ -432,10 +437,10 @@ def _token_count(value: Any) -> int | None:
 def usage_from(data: Mapping[str, Any] | None) -> Usage:
     """The usage block of an answer; what is missing or malformed is unknown, and never fails the answer."""
     if not isinstance(data, Mapping):
-        return Usage()
+        return lm15.Usage()
     details = data.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
-    return Usage(
+    return lm15.Usage(
         input_tokens=_token_count(data.get("prompt_tokens")),
         output_tokens=_token_count(data.get("completion_tokens")),
         total_tokens=_token_count(data.get("total_tokens")),
@@ -447,19 +452,19 @@ def _chat_response(data: dict[str, Any], choice: dict[str, Any], request: Reques
     message = choice.get("message")
     if not isinstance(message, Mapping):
         raise ValueError("choices[0].message is missing")
-    parts: list[Any] = []
+    parts: list[Part] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if reasoning:
-        parts.append(ThinkingPart(str(reasoning)))
+        parts.append(lm15.ThinkingPart(str(reasoning)))
     parts.extend(_content_parts(message.get("content")))
     if message.get("refusal"):
-        parts.append(RefusalPart(str(message["refusal"])))
+        parts.append(lm15.RefusalPart(str(message["refusal"])))
     calls = [_tool_call(call, index) for index, call in enumerate(message.get("tool_calls") or ())]
     parts.extend(calls)
-    return Response(
+    return lm15.Response(
         id=str(data["id"]) if data.get("id") else None,
         model=str(data.get("model") or request.model),
-        message=Message(role="assistant", parts=tuple(parts) or (TextPart(""),)),
+        message=lm15.Message(role="assistant", parts=tuple(parts) or (lm15.TextPart(""),)),
         finish_reason="tool_call" if calls else finish_reason(choice.get("finish_reason")),
         usage=usage_from(data.get("usage")),
         logprobs=chat_logprobs(choice.get("logprobs")),
@@ -471,7 +476,7 @@ def _content_parts(content: Any) -> list[TextPart]:
     if content is None or content == "":
         return []
     if isinstance(content, str):
-        return [TextPart(content)]
+        return [lm15.TextPart(content)]
     if isinstance(content, list):
         # Text blocks are one text, joined as they are (lm15 would put a newline between two parts).
         texts = []
@@ -480,7 +485,7 @@ def _content_parts(content: Any) -> list[TextPart]:
                 kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
                 raise ValueError(f"message.content[{index}] is a {kind!r} block; only text blocks are read")
             texts.append(str(block.get("text", "")))
-        return [TextPart("".join(texts))] if any(texts) else []
+        return [lm15.TextPart("".join(texts))] if any(texts) else []
     raise ValueError(f"message.content is a {type(content).__name__}")
 
 
@@ -488,7 +493,7 @@ def _tool_call(call: Any, index: int) -> ToolCallPart:
     function = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(function, Mapping) or not function.get("name"):
         raise ValueError(f"tool_calls[{index}] has no function name")
-    return ToolCallPart(
+    return lm15.ToolCallPart(
         id=str(call.get("id") or f"call_{index}"),
         name=str(function["name"]),
         input=tool_arguments(function.get("arguments")),
@@ -513,10 +518,10 @@ def _completions_response(data: dict[str, Any], choice: dict[str, Any], request:
     text = choice.get("text")
     if not isinstance(text, str):
         raise ValueError("choices[0].text is not a string")
-    return Response(
+    return lm15.Response(
         id=str(data["id"]) if data.get("id") else None,
         model=str(data.get("model") or request.model),
-        message=Message.assistant([TextPart(text)]),
+        message=lm15.Message.assistant([lm15.TextPart(text)]),
         finish_reason=finish_reason(choice.get("finish_reason")),
         usage=usage_from(data.get("usage")),
         logprobs=completions_logprobs(choice.get("logprobs")),
@@ -533,11 +538,13 @@ def chat_logprobs(payload: Any) -> tuple[TokenLogprob, ...] | None:
     for entry in entries:
         if isinstance(entry, Mapping) and "token" in entry and entry.get("logprob") is not None:
             top = tuple(
-                TopLogprob(str(alt["token"]), float(alt["logprob"]), _bytes(alt.get("bytes")))
+                lm15.TopLogprob(str(alt["token"]), float(alt["logprob"]), _bytes(alt.get("bytes")))
                 for alt in entry.get("top_logprobs") or ()
                 if isinstance(alt, Mapping) and "token" in alt and alt.get("logprob") is not None
             )
-            out.append(TokenLogprob(str(entry["token"]), float(entry["logprob"]), _bytes(entry.get("bytes")), top=top))
+            out.append(
+                lm15.TokenLogprob(str(entry["token"]), float(entry["logprob"]), _bytes(entry.get("bytes")), top=top)
+            )
     return tuple(out) if out else None
 
 
@@ -559,6 +566,6 @@ def completions_logprobs(payload: Any) -> tuple[TokenLogprob, ...] | None:
     for token, value, top in zip(tokens, values, tops, strict=False):
         if value is None:
             continue
-        alternatives = tuple(TopLogprob(str(t), float(lp)) for t, lp in (top or {}).items() if lp is not None)
-        out.append(TokenLogprob(token=str(token), logprob=float(value), top=alternatives))
+        alternatives = tuple(lm15.TopLogprob(str(t), float(lp)) for t, lp in (top or {}).items() if lp is not None)
+        out.append(lm15.TokenLogprob(token=str(token), logprob=float(value), top=alternatives))
     return tuple(out) if out else None

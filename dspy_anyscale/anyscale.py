@@ -11,16 +11,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 
 from . import _constants as C
-from ._config import Timeout, resolve_endpoint, resolve_timeout, resolve_usage_log
+from ._config import Timeout, endpoint_name, resolve_endpoint, resolve_timeout, resolve_usage_log
 from ._engine import AnyscaleEngine, AsyncAnyscaleEngine, make_engines
 from ._observe import Observer
 from ._params import PARAMETERS, split_constructor_kwargs
 from ._secrets import Secret, is_secret_header, restore_secret_headers
+from ._spending import spending_by
 from ._validate import (
     check_choice,
     check_count,
@@ -36,8 +37,9 @@ from ._validate import (
 from ._wire import EndpointKind, WireOptions
 from .catalog import Prices
 from .hf_model import HFModel
-from .limits import UNLIMITED, AnyLimiter, Limits
+from .limits import AnyLimiter, Limits
 from .limits._config import LIMIT_NAMES, limits_from
+from .limits._cooling import CoolingLimiter
 from .tracing import check_tracing, tracing_observer
 from .usage import CostTable, UsageRecord, UsageRecorder
 
@@ -113,7 +115,7 @@ _STYLES = ("auto", "openai", "anyscale")
 
 def _limiter_for(limits: Limits) -> AnyLimiter:
     if not limits.enabled:
-        return UNLIMITED  # an LM without limits pays for nothing
+        return CoolingLimiter()  # nothing to count: only a 429's cool-down, shared by this LM's callers
     from .limits import Limiter
 
     return Limiter(limits)
@@ -150,7 +152,9 @@ class Anyscale(HFModel):
         headers: extra HTTP headers on every request (e.g. ``portkey_headers(...)`` for a gateway).
         pool_size: connections kept open per pool; at least your thread count.
         prices: ``{"input": ..., "output": ...}`` in USD per million tokens, for the cost of each
-            call; default: the legacy Anyscale catalogue (``model_info``), else unknown.
+            call; default: the legacy Anyscale catalogue (``model_info``), else unknown. An optional
+            ``"cached_input"`` prices the prompt tokens the server reports as cached
+            (``prompt_tokens_details.cached_tokens``); budgets still reserve them at ``"input"``.
         usage_log: a JSON-lines file that gets one usage record per call; else ``ANYSCALE_USAGE_LOG``.
         max_retry_wait: the longest ``Retry-After`` (seconds) DSPy may wait before a retry; a 429 or 5xx
             asking for more fails the call at once (``LMRateLimitError`` / ``LMServerError``).
@@ -161,8 +165,8 @@ class Anyscale(HFModel):
             with the server's counts.
         budget_usd: a hard cap on spend: a request whose worst case could take the total over it is
             refused with ``BudgetExceededError`` before it is sent. Needs prices (``prices=`` or the
-            catalogue). ``max_requests``: the same cap counted in requests. With any limit set, a
-            429's ``Retry-After`` holds every caller of this LM. ``lm.spending()`` reports the ledger.
+            catalogue). ``max_requests``: the same cap counted in requests. ``lm.spending()`` reports
+            the ledger. With limits or without, a 429's ``Retry-After`` holds every caller of this LM.
         limits: the same five limits as one value, ``limits=Limits(budget_usd=5.0, max_concurrency=8)``
             (``from dspy_anyscale.limits import Limits``), as the Ray entry points take them; give
             either ``limits=`` or the keywords, not both.
@@ -273,7 +277,9 @@ class Anyscale(HFModel):
     ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
         """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
-        recorder = UsageRecorder(prices=settings.prices, log_path=settings.usage_log)
+        recorder = UsageRecorder(
+            prices=settings.prices, log_path=settings.usage_log, endpoint=endpoint_name(endpoint.base_url)
+        )
         engine, async_engine = make_engines(
             endpoint,
             settings.timeout,
@@ -291,6 +297,14 @@ class Anyscale(HFModel):
         return engine, async_engine, recorder
 
     # --- what the instance is ---------------------------------------------------------------------
+
+    if TYPE_CHECKING:
+        # DSPy keeps the engine pair it was given (``engine`` is the sync one): the pair _connect builds.
+        _engine_spec: AnyscaleEngine
+        _async_engine_spec: AsyncAnyscaleEngine
+
+        @property
+        def engine(self) -> AnyscaleEngine: ...
 
     @property
     def api_base(self) -> str:
@@ -333,20 +347,40 @@ class Anyscale(HFModel):
     def _cache_identity(self) -> str:
         return self.engine.cache_identity
 
+    def _endpoint_name(self) -> str | None:
+        return self._recorder.endpoint  # its host:port, named once when the connection was made
+
     def _observers(self) -> tuple[Observer, ...]:
         return self.engine.observers
 
     def _priced(self, usage: Mapping[str, Any]) -> tuple[float | None, dict[str, Any]]:
-        return self._recorder.costs.estimate(self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+        return self._recorder.costs.estimate(
+            self.model, usage.get("prompt_tokens"), usage.get("completion_tokens"), cached
+        )
 
     @property
     def limiter(self) -> AnyLimiter:
         """The limits ledger this LM and its copies share (``Limiter.disabled()`` when no limit is set)."""
         return self._limiter
 
-    def spending(self) -> SpendReport:
-        """What this LM and its copies have spent, reserved and have left: USD, requests, tokens, refusals."""
-        return self._limiter.report()
+    @overload
+    def spending(self, by: None = None) -> SpendReport: ...
+    @overload
+    def spending(self, by: Literal["module"]) -> dict[str | None, SpendReport]: ...
+
+    def spending(self, by: Literal["module"] | None = None) -> SpendReport | dict[str | None, SpendReport]:
+        """What this LM and its copies have spent, reserved and have left: USD, requests, tokens, refusals.
+
+        ``by="module"``: the same, per DSPy module that made the requests (``generate_query.predict``;
+        ``None`` for direct calls), from the same ledger, so their ``spent_usd`` add up to the total's.
+        Empty for an LM without limits, which keeps no ledger (``summarize(lm.usage, by="module")``
+        reads its usage records instead).
+        """
+        if by is None:
+            return self._limiter.report()
+        return spending_by(self._limiter, by)
 
     def cost_of(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
         """USD for these token counts at this LM's prices (``prices=``, else the catalogue); None if unknown."""
@@ -412,7 +446,7 @@ class Anyscale(HFModel):
         if settings.headers:
             args["headers"] = dict(settings.headers)
         if settings.prices is not None:
-            args["prices"] = {"input": settings.prices.input, "output": settings.prices.output}
+            args["prices"] = settings.prices.as_dict()
         if settings.max_retry_wait != C.DEFAULT_MAX_RETRY_WAIT:
             args["max_retry_wait"] = settings.max_retry_wait
         if keep_limits:

@@ -17,32 +17,55 @@ from .errors import ConfigurationError
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per million tokens."""
+    """USD per million tokens. ``cached_input``: the price of prompt tokens the server answered from
+    its prompt cache (vLLM's ``prompt_tokens_details.cached_tokens``); None: priced as ``input``."""
 
     input: float
     output: float
+    cached_input: float | None = None
 
-    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+    def cost(
+        self, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+    ) -> float | None:
         """USD for these counts; ``None`` when a count the price needs is unknown."""
         if prompt_tokens is None or completion_tokens is None:
             return None
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+        cached = min(cached_tokens or 0, prompt_tokens) if self.cached_input is not None else 0
+        prompt_usd = (prompt_tokens - cached) * self.input + cached * (self.cached_input or 0.0)
+        return (prompt_usd + completion_tokens * self.output) / 1_000_000
+
+    def as_dict(self) -> dict[str, float]:
+        """As ``prices=`` takes them."""
+        values = {"input": self.input, "output": self.output}
+        if self.cached_input is not None:
+            values["cached_input"] = self.cached_input
+        return values
 
     @classmethod
     def parse(cls, value: Prices | Mapping[str, float]) -> Prices:
         if isinstance(value, Prices):
             return value
-        if not isinstance(value, Mapping) or set(value) != {"input", "output"}:
+        if not isinstance(value, Mapping) or not {"input", "output"} <= set(value) <= _PRICE_KEYS:
             raise ConfigurationError(
-                "prices must be {'input': <USD per million tokens>, 'output': <USD per million tokens>}, "
-                f"got {value!r}"
+                "prices must be {'input': <USD per million tokens>, 'output': <USD per million tokens>} "
+                f"(and optionally 'cached_input': the price of cached prompt tokens), got {value!r}"
             )
         for key, number in value.items():
             if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
                 raise ConfigurationError(f"prices[{key!r}] must be a number of USD per million tokens")
             if number < 0:
                 raise ConfigurationError(f"prices[{key!r}] must be a non-negative number of USD per million tokens")
-        return cls(float(value["input"]), float(value["output"]))
+        cached = value.get("cached_input")
+        if cached is not None and cached > value["input"]:
+            # Budgets price every prompt token at "input", a bound that must hold for cached ones too.
+            raise ConfigurationError(
+                f"prices['cached_input'] ({cached}) must not exceed prices['input'] ({value['input']}): "
+                "cached prompt tokens cost at most what other prompt tokens cost"
+            )
+        return cls(float(value["input"]), float(value["output"]), None if cached is None else float(cached))
+
+
+_PRICE_KEYS = frozenset({"input", "output", "cached_input"})
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def _pick_model(explicit: str | None, api_base: str | None = None) -> str:
     served = Anyscale.models(api_base=api_base)  # the endpoint the command will ask, not only the configured one
     if not served:
         raise SystemExit("The endpoint lists no models; pass --model")
-    return served[0]["id"]
+    model: str = served[0]["id"]  # list_models makes every id a str
+    return model
 
 
 def _usage_line(prediction: Any) -> tuple[int | None, int | None, str]:
@@ -152,7 +153,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from .usage import format_summary, read_log, summarize
 
-    print(format_summary(summarize(read_log(_usage_log(args.file)))))
+    print(format_summary(summarize(read_log(_usage_log(args.file)), by=args.by), by=args.by))
     return 0
 
 
@@ -208,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = commands.add_parser("usage", help=f"summarise a usage log (usage_log= or {C.ENV_USAGE_LOG})")
     usage.add_argument("file", nargs="?", help=f"a JSON-lines usage log (default: {C.ENV_USAGE_LOG})")
+    usage.add_argument(
+        "--by",
+        choices=C.USAGE_SUMMARY_GROUPS,
+        default="model",
+        help=(
+            "one line per model (default), per endpoint: the service that answered (a Router's member name), "
+            "or per module: the DSPy module that made the calls (e.g. generate_query.predict)"
+        ),
+    )
     usage.set_defaults(run=cmd_usage)
     return parser
 
@@ -221,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_options(args)
-        return args.run(args)
+        code: int = args.run(args)  # a cmd_<name>(args) -> int, set by build_parser
+        return code
     except (AnyscaleError, LMError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -69,26 +69,48 @@ processes) with its attributes.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dspy.lm15 import LM15Error, ProviderError, RateLimitError
-from dspy.utils.exceptions import (
-    ContextWindowExceededError,
-    LMAuthError,
-    LMBillingError,
-    LMConfigurationError,
-    LMError,
-    LMInvalidRequestError,
-    LMNotConfiguredError,
-    LMProviderError,
-    LMRateLimitError,
-    LMServerError,
-    LMTimeoutError,
-    LMTransportError,
-    LMUnexpectedError,
-    LMUnsupportedFeatureError,
-    LMUnsupportedModelError,
-)
+if TYPE_CHECKING:  # DSPy's classes as typed views (DSPy ships no types); at run time, DSPy's own
+    from ._dspy_types import (
+        ContextWindowExceededError,
+        LM15Error,
+        LMAuthError,
+        LMBillingError,
+        LMConfigurationError,
+        LMError,
+        LMInvalidRequestError,
+        LMNotConfiguredError,
+        LMProviderError,
+        LMRateLimitError,
+        LMServerError,
+        LMTimeoutError,
+        LMTransportError,
+        LMUnexpectedError,
+        LMUnsupportedFeatureError,
+        LMUnsupportedModelError,
+        ProviderError,
+        RateLimitError,
+    )
+else:
+    from dspy.lm15 import LM15Error, ProviderError, RateLimitError
+    from dspy.utils.exceptions import (
+        ContextWindowExceededError,
+        LMAuthError,
+        LMBillingError,
+        LMConfigurationError,
+        LMError,
+        LMInvalidRequestError,
+        LMNotConfiguredError,
+        LMProviderError,
+        LMRateLimitError,
+        LMServerError,
+        LMTimeoutError,
+        LMTransportError,
+        LMUnexpectedError,
+        LMUnsupportedFeatureError,
+        LMUnsupportedModelError,
+    )
 
 __all__ = [
     "AnyscaleError",

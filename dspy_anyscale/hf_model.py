@@ -19,19 +19,36 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from dataclasses import replace
 from types import MethodType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import dspy
-from dspy.lm15 import Request, Response
-from dspy.utils.exceptions import LMProviderError
 
 from . import _constants as C
 from ._direct_stream import astream_text, stream_text
 from ._identity import check_user_metadata, strip_identity_metadata, with_identity_metadata
-from ._observe import Call, Observer, call_answered, finish_call, observed_call, open_call, within
+from ._observe import (
+    Call,
+    Observer,
+    call_answered,
+    calling_module,
+    current_call,
+    current_route,
+    finish_call,
+    observed_call,
+    open_call,
+    within,
+)
 from ._params import DirectPlan, check_program_call_kwargs, plan_direct_call
+from ._server_facts import history_facts
 from ._validate import check_call_flag, check_prompt
-from .errors import UnsupportedParameterError, public_error
+from .errors import LMProviderError, UnsupportedParameterError, public_error
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from ._dspy_types import LM as DSPyLM
+    from ._dspy_types import Request, Response, lm15
+else:
+    from dspy import LM as DSPyLM
+    from dspy import lm15
 
 
 def choice_from(response: Response, *, logprobs: bool) -> dict[str, Any]:
@@ -79,7 +96,7 @@ def _mean_logprob(choice: Mapping[str, Any]) -> float | None:
 
 def _is_program_call(prompt: Any, kwargs: Mapping[str, Any]) -> bool:
     """A DSPy-style call (``messages=`` or a ``Request``), which keeps DSPy's own semantics."""
-    if isinstance(prompt, Request) or "messages" in kwargs or "request" in kwargs:
+    if isinstance(prompt, lm15.Request) or "messages" in kwargs or "request" in kwargs:
         check_program_call_kwargs({k: v for k, v in kwargs.items() if k not in ("messages", "request")})
         return True
     return False
@@ -158,7 +175,7 @@ class _KeyedEntryPoint:
         return MethodType(self._keyed, instance)
 
 
-class HFModel(dspy.LM):
+class HFModel(DSPyLM):
     """The old ``HFModel`` interface (``kwargs``, ``history``, ``_generate``, ``basic_request``,
     ``request``, ``__call__(prompt, only_completed, return_sorted)``, ``inspect_history``) as a
     DSPy 3.4 ``dspy.LM`` that runs through ``engine`` / ``async_engine``."""
@@ -180,7 +197,9 @@ class HFModel(dspy.LM):
 
     # --- the old direct surface ----------------------------------------------------------------
 
-    def __call__(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
+    def __call__(
+        self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any
+    ) -> Any:  # list[str] for a prompt; DSPy's outputs (a list, or a Response for a Request) otherwise
         """``lm("text")`` → ``list[str]`` (old surface); ``messages=`` or a ``Request`` → DSPy's call."""
         with self._observed():
             if _is_program_call(prompt, kwargs):
@@ -190,7 +209,9 @@ class HFModel(dspy.LM):
             response = self.request(check_prompt(prompt), **_sorting_options(only_completed, return_sorted, kwargs))
             return _texts(response, only_completed, return_sorted)
 
-    async def acall(self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any):
+    async def acall(
+        self, prompt: Any = None, only_completed: bool = True, return_sorted: bool = False, **kwargs: Any
+    ) -> Any:  # as __call__
         """Async twin of :meth:`__call__`, with the same three ways in."""
         with self._observed():
             if _is_program_call(prompt, kwargs):
@@ -208,15 +229,19 @@ class HFModel(dspy.LM):
         """What besides the call decides the answer (a digest), or None. Subclasses with a server say."""
         return None
 
+    def _endpoint_name(self) -> str | None:
+        """The service this LM calls, as history entries name it (``host:port``), or None. Subclasses say."""
+        return None
+
     def _keyed(self, prompt: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """A program call with the cache identity where DSPy's cache key sees it: a Request's extensions,
         or the ``metadata`` kwarg of a messages call (the engine takes it off before the wire)."""
         identity = self._cache_identity()
         if identity is None:
             return prompt, kwargs
-        if isinstance(prompt, Request):
+        if isinstance(prompt, lm15.Request):
             return _request_with_identity(prompt, identity), kwargs
-        if isinstance(kwargs.get("request"), Request):
+        if isinstance(kwargs.get("request"), lm15.Request):
             return prompt, {**kwargs, "request": _request_with_identity(kwargs["request"], identity)}
         metadata = kwargs["metadata"] if "metadata" in kwargs else self.kwargs.get("metadata")
         return prompt, {**kwargs, "metadata": with_identity_metadata(metadata, identity)}
@@ -299,7 +324,8 @@ class HFModel(dspy.LM):
 
     async def _streamed_call(self, call: Call | None, request: Request) -> Response:
         with within(call):
-            return await super().acall(request)
+            response: Response = await super().acall(request)  # DSPy answers a Request with its Response
+            return response
 
     # --- accounting --------------------------------------------------------------------------------
 
@@ -322,8 +348,13 @@ class HFModel(dspy.LM):
         return None
 
     def update_history(self, entry: dict[str, Any]) -> None:
-        """DSPy's history, with ``cost`` and ``cost_details`` from the price table (DSPy prices no custom engine), and
-        a program call's ``metadata`` as the caller gave it (without the cache identity)."""
+        """DSPy's history, with ``cost`` and ``cost_details`` from the price table (DSPy prices no custom engine),
+        a program call's ``metadata`` as the caller gave it (without the cache identity), and ``endpoint``: which
+        service answered (a Router's member name, else this LM's ``host:port``); ``module``: the DSPy module that
+        made the call (None: a direct call); ``response_ids`` and ``rate_limit``: what the server said."""
+        route = current_route()
+        entry["endpoint"] = route.endpoint if route is not None else self._endpoint_name()
+        entry.update(history_facts(entry.get("response"), current_call(), calling_module()))
         kwargs = entry.get("kwargs")
         if isinstance(kwargs, dict) and "metadata" in kwargs:
             metadata = strip_identity_metadata(kwargs["metadata"])
@@ -336,6 +367,8 @@ class HFModel(dspy.LM):
                 entry["cost"], entry["cost_details"] = priced
         call_answered()  # inside DSPy's LM call, for a cache hit too: its span nests where a miss's does
         super().update_history(entry)
+        if route is not None:
+            route.entries.append(entry)  # the Router adds it to its own history once the call is answered
 
     def _single_request(self, prompt: str, kwargs: Mapping[str, Any]) -> Request:
         prompt = check_prompt(prompt)
@@ -350,7 +383,7 @@ class HFModel(dspy.LM):
         """Merge instance defaults with call options and sort them. Subclasses add wire extensions."""
         if not kwargs:
             # The common call has no options: reuse the plan while the defaults are unchanged.
-            cached = self.__dict__.get("_default_plan")
+            cached: tuple[dict[str, Any], DirectPlan] | None = self.__dict__.get("_default_plan")
             if cached is not None and cached[0] == self.kwargs:
                 return cached[1]
         kwargs = dict(kwargs)

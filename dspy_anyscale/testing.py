@@ -9,7 +9,10 @@ server-sent events) and ``/v1/models``, records every request, and plays scripte
 
 By default the answer is built from the prompt so that DSPy's ChatAdapter and JSONAdapter can
 parse it: every output field the prompt asks for is filled with ``"<field> for <first input>"``.
-Pass ``responder=`` to answer otherwise.
+Pass ``responder=`` to answer otherwise. ``response_headers=`` are sent with every answer (e.g.
+``x-ratelimit-remaining-requests``), and ``cached_tokens=`` reports that many of each JSON answer's
+prompt tokens as served from a prompt cache (``usage.prompt_tokens_details.cached_tokens``), as
+vLLM does; both can be changed between requests.
 """
 
 from __future__ import annotations
@@ -146,8 +149,14 @@ class StubServer:
         api_key: str | None = None,
         model: str = "stub-model",
         models: list[dict[str, Any]] | None = None,
+        port: int = 0,
+        response_headers: dict[str, str] | None = None,
+        cached_tokens: int | None = None,
     ) -> None:
         self.responder = responder
+        self.response_headers = dict(response_headers or {})  # sent with every answer
+        self.cached_tokens = cached_tokens  # reported as cached in each JSON answer's usage (at most its prompt)
+        self._port = port  # 0: any free port; a given one restarts a stopped server where clients knew it
         self.models = models  # the GET /models "data" entries; default: one entry for `model`
         self.latency = latency
         self.api_key = api_key
@@ -159,23 +168,26 @@ class StubServer:
         self._chaos: tuple[float, list[Fault]] = (0.0, [])
         self._random = random.Random(0)
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> StubServer:
         handler = type("Handler", (_Handler,), {"stub": self})
-        server = _QuietServer(("127.0.0.1", 0), handler)
+        server = _QuietServer(("127.0.0.1", self._port), handler)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="stub-server", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening and close every open connection, as a stopped service would: a client's kept-alive
+        connection must not go on being answered."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server.close_connections()
             self._server = None
 
     def __enter__(self) -> StubServer:
@@ -248,6 +260,29 @@ class _QuietServer(ThreadingHTTPServer):
     # listen() backlog: a burst of 256 new connections (a benchmark's fan-out) must all be queued,
     # not refused or left to SYN retries (1 s each), while the accept loop starts their threads.
     request_queue_size = 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open: set[socket.socket] = set()  # connections being served (kept alive between requests)
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every open connection now (their handler threads see it closed and finish)."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout, reset) is part of the tests, not a server error.
@@ -372,12 +407,18 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream") and not (fault and fault.ignore_stream):
             self._stream(endpoint, body, answer, fault)
         else:
-            self._send_json(200, _completion(endpoint, body, answer, self.stub.model), fault=fault)
+            completion = _completion(endpoint, body, answer, self.stub.model)
+            if self.stub.cached_tokens is not None:
+                usage = completion["usage"]
+                usage["prompt_tokens_details"] = {"cached_tokens": min(self.stub.cached_tokens, usage["prompt_tokens"])}
+            self._send_json(200, completion, dict(self.stub.response_headers), fault=fault)
 
     def _stream(self, endpoint: str, body: dict[str, Any], answer: str | dict[str, Any], fault: Fault | None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("x-request-id", self._request_id())
+        for name, value in self.stub.response_headers.items():
+            self.send_header(name, value)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         cut = fault.stream_cut_after if fault else None

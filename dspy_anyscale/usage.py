@@ -24,24 +24,40 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import _constants as C
 from ._observe import CANCELLED, Attempt, Call, Observer, error_name
 from .catalog import Prices, model_info
+from .errors import ConfigurationError
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
 _OK, _CACHED = "ok", "cached"
 
 
+class CostFunction(Protocol):
+    """USD for (model, prompt tokens, completion tokens, of the prompt those the server had cached), None
+    when unknown: ``CostTable.cost``."""
+
+    def __call__(
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+    ) -> float | None: ...
+
+
 @dataclass(frozen=True)
 class UsageRecord:
     """One call. Tokens and ``cost_usd`` are None when the server did not report the counts (or the
-    model has no known price)."""
+    model has no known price). ``api`` is ``"chat"`` or ``"completions"``; ``endpoint`` names the
+    service that answered: a Router's member name, else the LM's ``host:port``. ``module`` is the DSPy
+    module that made the call, as its path in the outermost module (``generate_query.predict``; None
+    for a direct call). ``cached_tokens``: of the prompt tokens, those the server answered from its
+    prompt cache (priced at ``prices["cached_input"]`` when given); ``response_ids`` the answers' own
+    ids; ``rate_limit`` the last answer's ``x-ratelimit-*`` headers (names without the prefix)."""
 
     timestamp: str
     model: str
+    api: str | None
     endpoint: str | None
     status: str  # "ok", "cached", "cancelled", "budget", or the error class name
     latency_ms: float
@@ -53,10 +69,16 @@ class UsageRecord:
     retries: int
     request_ids: tuple[str, ...] = ()
     stream: bool = False
+    module: str | None = None
+    cached_tokens: int | None = None
+    response_ids: tuple[str, ...] = ()
+    rate_limit: Mapping[str, str] | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
         data["request_ids"] = list(self.request_ids)
+        data["response_ids"] = list(self.response_ids)
+        data["rate_limit"] = dict(self.rate_limit) if self.rate_limit else None
         return json.dumps(data, separators=(",", ":"))
 
 
@@ -72,12 +94,14 @@ class CostTable:
         info = model_info(model)
         return info.prices if info else None
 
-    def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+    def cost(
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+    ) -> float | None:
         prices = self.price(model)
-        return prices.cost(prompt_tokens, completion_tokens) if prices else None
+        return prices.cost(prompt_tokens, completion_tokens, cached_tokens) if prices else None
 
     def estimate(
-        self, model: str, prompt_tokens: int | None, completion_tokens: int | None
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
     ) -> tuple[float | None, dict[str, Any]]:
         """(cost, provenance) in the shape of DSPy's history ``cost_details``: an ``estimate`` from this
         package's price table, or ``unknown`` with the reason, so that the two always agree."""
@@ -86,7 +110,7 @@ class CostTable:
             return None, _unknown(
                 f"no price for {model!r}: pass prices={{'input': ..., 'output': ...}} (USD per million tokens)"
             )
-        cost = prices.cost(prompt_tokens, completion_tokens)
+        cost = prices.cost(prompt_tokens, completion_tokens, cached_tokens)
         if cost is None:
             # Also a DSPy cache hit: its history entry carries no usage (nothing was sent for it).
             return None, _unknown(
@@ -100,7 +124,7 @@ class CostTable:
             "model": model,
             "metadata": {
                 "source": f"{C.LOGGER_NAME} price table: {table}",
-                "usd_per_million_tokens": {"input": prices.input, "output": prices.output},
+                "usd_per_million_tokens": prices.as_dict(),
             },
         }
 
@@ -112,8 +136,15 @@ def _unknown(reason: str) -> dict[str, Any]:
 class UsageRecorder(Observer):
     """Turns calls into :class:`UsageRecord` s, keeps the last ones and appends them to a JSON-lines log."""
 
-    def __init__(self, *, prices: Prices | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        prices: Prices | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        endpoint: str | None = None,
+    ) -> None:
         self.costs = CostTable(prices)
+        self.endpoint = endpoint  # the LM's service, for calls no Router names a member for
         self.log_path = Path(log_path) if log_path else None
         self.records: deque[UsageRecord] = deque(maxlen=C.USAGE_RECORDS_KEPT)
         self._lock = threading.Lock()
@@ -122,11 +153,17 @@ class UsageRecorder(Observer):
     def __repr__(self) -> str:
         return f"UsageRecorder(prices={self.costs.prices}, log_path={self.log_path})"
 
-    def cost(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
-        return self.costs.cost(model, prompt_tokens, completion_tokens)
+    def cost(
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+    ) -> float | None:
+        return self.costs.cost(model, prompt_tokens, completion_tokens, cached_tokens)
 
     def call_finished(self, call: Call, error: BaseException | None) -> None:
-        self.add(build_record(call.model, call.attempts, call.started, error, self.costs.cost))
+        endpoint = call.routed_as or self.endpoint
+        record = build_record(
+            call.model, call.attempts, call.started, error, self.costs.cost, endpoint=endpoint, module=call.module
+        )
+        self.add(record)
 
     def add(self, record: UsageRecord) -> None:
         with self._lock:
@@ -153,7 +190,14 @@ class UsageRecorder(Observer):
 
 
 def build_record(
-    model: str, attempts: list[Attempt], started: float, error: BaseException | None, cost: Any
+    model: str,
+    attempts: list[Attempt],
+    started: float,
+    error: BaseException | None,
+    cost: CostFunction,
+    *,
+    endpoint: str | None = None,
+    module: str | None = None,
 ) -> UsageRecord:
     attempts = list(attempts)
     succeeded = [a for a in attempts if a.ok]
@@ -162,22 +206,36 @@ def build_record(
     uncounted = any(_maybe_billed(a) for a in attempts)
     prompt = None if uncounted else _total(a.prompt_tokens for a in succeeded)
     completion = None if uncounted else _total(a.completion_tokens for a in succeeded)
+    cached = _cached(succeeded)
+    rate_limits = [a.rate_limit for a in attempts if a.rate_limit]
     ttfts = [a.ttft_s for a in attempts if a.ttft_s is not None]
     return UsageRecord(
         timestamp=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         model=attempts[-1].model if attempts else model,
-        endpoint=attempts[-1].endpoint if attempts else None,
+        api=attempts[-1].endpoint if attempts else None,
+        endpoint=endpoint,
         status=call_status(error, bool(attempts)),
         latency_ms=round((time.perf_counter() - started) * 1000, 3),
         ttft_ms=round(min(ttfts) * 1000, 3) if ttfts else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
-        cost_usd=_call_cost(model, prompt, completion, succeeded, uncounted, cost),
+        cost_usd=_call_cost(model, prompt, completion, cached, succeeded, uncounted, cost),
         attempts=len(attempts),
         retries=count_retries(attempts, error),
         request_ids=tuple(a.request_id for a in attempts if a.request_id),
         stream=any(a.stream for a in attempts),
+        module=module,
+        cached_tokens=cached,
+        response_ids=tuple(a.response_id for a in succeeded if a.response_id),
+        rate_limit=rate_limits[-1] if rate_limits else None,
     )
+
+
+def _cached(succeeded: list[Attempt]) -> int | None:
+    """Cached prompt tokens of the answers: the sum of those the server reported (None: none reported;
+    an answer that said nothing had none priced as cached, so the cost errs high, never low)."""
+    counts = [a.cached_tokens for a in succeeded if a.cached_tokens is not None]
+    return sum(counts) if counts else None
 
 
 def _maybe_billed(attempt: Attempt) -> bool:
@@ -190,12 +248,18 @@ def _maybe_billed(attempt: Attempt) -> bool:
 
 
 def _call_cost(
-    model: str, prompt: int | None, completion: int | None, succeeded: list[Attempt], uncounted: bool, cost: Any
+    model: str,
+    prompt: int | None,
+    completion: int | None,
+    cached: int | None,
+    succeeded: list[Attempt],
+    uncounted: bool,
+    cost: CostFunction,
 ) -> float | None:
     """USD for the call: 0 when nothing could have been billed, None (unknown) when a count or the price is."""
     if uncounted:
         return None
-    return cost(model, prompt, completion) if succeeded else 0.0
+    return cost(model, prompt, completion, cached) if succeeded else 0.0
 
 
 def count_retries(attempts: list[Attempt], error: BaseException | None) -> int:
@@ -254,12 +318,28 @@ def read_log(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{number} is not a JSON line: {exc}") from exc
             if not isinstance(record, dict) or not isinstance(record.get("model"), str):
                 raise ValueError(f"{path}:{number} is not a usage record (a JSON object with a 'model')")
-            yield record
+            yield _current_shape(record)
+
+
+_APIS = ("chat", "completions")
+
+
+def _current_shape(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as this release writes it. Lines written before ``api`` existed said ``endpoint`` for the API
+    (``chat`` / ``completions``); the service that answered was not recorded (``endpoint`` None)."""
+    if "api" not in record and record.get("endpoint") in _APIS:
+        return {**record, "api": record["endpoint"], "endpoint": None}
+    return record
+
+
+SUMMARY_GROUPS = C.USAGE_SUMMARY_GROUPS
+_NO_ENDPOINT = "(not recorded)"  # an old log line's endpoint (or module: written before modules were)
+_DIRECT = "(direct call)"  # a call made outside any DSPy module
 
 
 @dataclass(frozen=True)
 class ModelSummary:
-    model: str
+    model: str  # the group: a model, or by="endpoint" the service that answered, or by="module" the DSPy module
     calls: int
     errors: int
     cached: int
@@ -272,13 +352,25 @@ class ModelSummary:
     p95_ms: float | None
 
 
-def summarize(records: Iterable[Mapping[str, Any] | UsageRecord]) -> list[ModelSummary]:
-    """Per model: calls, errors, cache hits, refusals, tokens, cost (None if any is unknown), latency."""
+def summarize(records: Iterable[Mapping[str, Any] | UsageRecord], by: str = "model") -> list[ModelSummary]:
+    """Per model (or per ``by="endpoint"``: the service that answered, a Router's member name or a
+    ``host:port``; or per ``by="module"``: the DSPy module that made the call, ``(direct call)`` for
+    calls made outside any): calls, errors, cache hits, refusals, tokens, cost (None if any is
+    unknown), latency. Every record is in exactly one group: the groups add up to the whole."""
+    if by not in SUMMARY_GROUPS:
+        raise ConfigurationError(f"by must be one of {', '.join(map(repr, SUMMARY_GROUPS))}, got {by!r}")
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         row = asdict(record) if isinstance(record, UsageRecord) else record
-        grouped.setdefault(row["model"], []).append(row)
+        grouped.setdefault(_group(row, by), []).append(row)
     return [_summary(model, rows) for model, rows in sorted(grouped.items())]
+
+
+def _group(row: Mapping[str, Any], by: str) -> str:
+    value = row.get(by)
+    if value:
+        return str(value)
+    return _DIRECT if by == "module" and by in row else _NO_ENDPOINT
 
 
 def _summary(model: str, rows: list[Mapping[str, Any]]) -> ModelSummary:
@@ -319,9 +411,9 @@ def _percentile(sorted_values: list[float], percent: float) -> float | None:
     return sorted_values[rank - 1]
 
 
-def format_summary(summaries: list[ModelSummary]) -> str:
+def format_summary(summaries: list[ModelSummary], by: str = "model") -> str:
     header = (
-        f"{'model':40} {'calls':>6} {'errors':>6} {'cached':>6} {'refused':>7} {'prompt tok':>11} "
+        f"{by:40} {'calls':>6} {'errors':>6} {'cached':>6} {'refused':>7} {'prompt tok':>11} "
         f"{'compl. tok':>11} {'cost USD':>10} {'p50 ms':>8} {'p95 ms':>8}"
     )
     lines = [header, "-" * len(header)]

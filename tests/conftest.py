@@ -46,6 +46,8 @@ def stub(stub_server: StubServer) -> StubServer:
     stub_server.reset()
     stub_server.responder = dspy_field_responder
     stub_server.models = None
+    stub_server.response_headers = {}  # tests/test_server_facts.py: what each answer also says
+    stub_server.cached_tokens = None
 
 
 # The real servers (llama_server, llama_cpp_python_server, portkey_gateway, server) are in

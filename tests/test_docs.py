@@ -52,7 +52,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TEXT_FENCES = {"text", "bash"}
 DIRECTIVES = {"skip", "ray", "setup", "stub"}
-README_SECTIONS = ["Quickstart", "Configuration", "Handling errors", "Retries", "Timeouts", "More"]
+README_SECTIONS = [
+    "Quickstart",
+    "Configuration",
+    "Handling errors",
+    "Retries",
+    "Timeouts",
+    "Long runs",
+    "Several services: Router",
+    "More",
+]
 README_MAX_LINES = 300
 KEY = "esecret_DOCS_EXAMPLE_KEY_7f3a"
 PAGE_TIMEOUT_S = 180  # a page's interpreter is killed after this: a hung example fails, never hangs the suite

@@ -29,7 +29,8 @@ def test_a_call_is_one_record_with_the_servers_tokens_and_the_catalogue_price(ma
     lm = make_lm(use_chat_api=True)
     lm("Hello there")
     (record,) = lm.usage
-    assert (record.model, record.endpoint, record.status) == (MODEL, "chat", "ok")
+    assert (record.model, record.api, record.status) == (MODEL, "chat", "ok")
+    assert record.endpoint == f"127.0.0.1:{stub.port}", "the service that answered: host:port for a plain LM"
     sent = stub.posts()[0].body
     assert record.prompt_tokens == len(sent["messages"][0]["content"].split())
     assert record.completion_tokens == 3  # "echo: Hello there"
@@ -139,6 +140,7 @@ def test_usage_log_has_one_json_line_per_call_and_no_secrets(make_lm, stub, tmp_
     assert [line["status"] for line in lines] == ["ok", "ok", "LMInvalidRequestError"]
     assert {
         "model",
+        "api",
         "endpoint",
         "latency_ms",
         "ttft_ms",

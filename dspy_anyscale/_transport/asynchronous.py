@@ -18,10 +18,10 @@ import orjson
 
 from .. import _constants as C
 from .._config import Endpoint, Timeout
+from .._secrets import Secrets
 from . import fork
 from .common import (
     JsonReply,
-    Secrets,
     StreamReply,
     Translator,
     build_headers,
@@ -30,6 +30,7 @@ from .common import (
     log_exchange,
     logger,
     may_resend,
+    stream_reply,
 )
 from .env import read_environment
 from .loops import PerLoop
@@ -68,7 +69,10 @@ class _SessionFactory:
         if not self.request_arguments:
             proxy = self._environment.proxy_for(self._base_url)
             self.request_arguments = stack.request_arguments(self._headers, proxy, tls=self._tls)
-        return stack.new_session(self._timeout, self._pool_size, tls=self._tls, ca_path=self._environment.ca_path)
+        session: aiohttp.ClientSession = stack.new_session(  # aiohttp_stack, imported on first use
+            self._timeout, self._pool_size, tls=self._tls, ca_path=self._environment.ca_path
+        )
+        return session
 
 
 class AsyncTransport:
@@ -103,14 +107,21 @@ class AsyncTransport:
     def __repr__(self) -> str:
         return f"AsyncTransport(base_url={self.endpoint.base_url!r})"
 
-    async def _send(self, method: str, url: str, body: bytes | None) -> aiohttp.ClientResponse:
-        """The response, its head read; a stale kept-alive connection is retried once on a new one."""
+    async def _send(
+        self, method: str, url: str, body: bytes | None, extra: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """The response, its head read; a stale kept-alive connection is retried once on a new one.
+        ``extra``: this request's own headers (trace context), never secret."""
         stack = _aiohttp()
         session = await self._sessions.get()
+        arguments = self._factory.request_arguments
+        if extra:
+            arguments = {**arguments, "headers": arguments["headers"].copy()}
+            arguments["headers"].update(extra)
         for attempt in (0, 1):
             stack.REUSED.set(False)
             try:
-                return await session.request(method, url, data=body, **self._factory.request_arguments)
+                return await session.request(method, url, data=body, **arguments)
             except stack.ERRORS as exc:
                 stale = stack.closed_before_response(exc)
                 # aiohttp resends idempotent methods itself; the rule here is for the others (POST).
@@ -131,11 +142,18 @@ class AsyncTransport:
         except _aiohttp().ERRORS as exc:
             raise self._failure(exc, method, url) from exc
 
-    async def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply:
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonReply:
         url = self.endpoint.url(path)
         body = orjson.dumps(payload) if payload is not None else None
         started = time.perf_counter()
-        response = await self._send(method, url, body)
+        response = await self._send(method, url, body, headers)
         try:
             status = response.status
             log_exchange(method, url, status, started)
@@ -149,11 +167,13 @@ class AsyncTransport:
         return json_reply(data, status, response.headers, started)
 
     @asynccontextmanager
-    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[StreamReply]:
+    async def stream(
+        self, path: str, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[StreamReply]:
         """Open a streamed POST; yields a :class:`StreamReply` whose chunks arrive as they are sent."""
         url = self.endpoint.url(path)
         started = time.perf_counter()
-        response = await self._send("POST", url, orjson.dumps(payload))
+        response = await self._send("POST", url, orjson.dumps(payload), headers)
         try:
             status = response.status
             if not 200 <= status <= 299:
@@ -163,7 +183,7 @@ class AsyncTransport:
                 )
             if is_json_content_type(response.headers.get("Content-Type")):
                 raise self._translator.not_a_stream(status, await self._read(response, "POST", url), "POST", url)
-            yield StreamReply(status, response.headers.get("x-request-id"), self._chunks(response, url))
+            yield stream_reply(status, response.headers, self._chunks(response, url))
         finally:
             # An unfinished body closes the connection instead of returning it to the pool.
             response.release()

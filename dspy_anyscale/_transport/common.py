@@ -16,16 +16,21 @@ import traceback
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from dspy import lm15
 
 from .. import _constants as C
 from .._config import Endpoint, Timeout
 from .._http_errors import error_for_status, unexpected_body
 from .._secrets import Secret, Secrets, is_secret_header, redact  # a Secret's repr and str say ***
+from .._server_facts import rate_limit_headers
 from .wording import explain
+
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from .._dspy_types import LM15Error, lm15
+else:
+    from dspy import lm15
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -49,6 +54,7 @@ class StreamReply:
     status: int
     request_id: str | None
     chunks: Any  # Iterator[bytes] or AsyncIterator[bytes]
+    rate_limit: Mapping[str, str] | None = None  # the answer's x-ratelimit-* headers (_server_facts)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class JsonReply:
     status: int
     request_id: str | None
     elapsed: float
+    rate_limit: Mapping[str, str] | None = None  # the answer's x-ratelimit-* headers (_server_facts)
 
 
 class Transport(Protocol):
@@ -83,16 +90,34 @@ class Transport(Protocol):
 class BlockingTransport(Transport, Protocol):
     """A transport whose calls block the calling thread (``SyncTransport``)."""
 
-    def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply: ...
-    def stream(self, path: str, payload: Mapping[str, Any]) -> AbstractContextManager[StreamReply]: ...
+    def request_json(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonReply: ...
+    def stream(
+        self, path: str, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+    ) -> AbstractContextManager[StreamReply]: ...
     def close(self) -> None: ...
 
 
 class AwaitableTransport(Transport, Protocol):
     """A transport whose calls are awaited on the caller's event loop (``AsyncTransport``)."""
 
-    async def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply: ...
-    def stream(self, path: str, payload: Mapping[str, Any]) -> AbstractAsyncContextManager[StreamReply]: ...
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonReply: ...
+    def stream(
+        self, path: str, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+    ) -> AbstractAsyncContextManager[StreamReply]: ...
     async def aclose(self) -> None: ...
 
 
@@ -151,7 +176,12 @@ def is_json_content_type(content_type: str | None) -> bool:
 
 
 def json_reply(data: dict[str, Any], status: int, headers: Mapping[str, str], started: float) -> JsonReply:
-    return JsonReply(data, status, headers.get("x-request-id"), time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return JsonReply(data, status, headers.get("x-request-id"), elapsed, rate_limit_headers(headers))
+
+
+def stream_reply(status: int, headers: Mapping[str, str], chunks: Any) -> StreamReply:
+    return StreamReply(status, headers.get("x-request-id"), chunks, rate_limit_headers(headers))
 
 
 def log_exchange(method: str, url: str, status: int | str, started: float) -> None:
@@ -184,7 +214,7 @@ class Translator:
         self._timeout = timeout
         self._secrets = secrets
 
-    def failure(self, kind: Failure, method: str, url: str, exc: BaseException) -> lm15.LM15Error:
+    def failure(self, kind: Failure, method: str, url: str, exc: BaseException) -> LM15Error:
         where = f"{method} {url}"
         detail = redact(describe(exc, url), self._secrets)
         scrub_frames(exc)
@@ -204,7 +234,7 @@ class Translator:
             del body  # error reporters record frame locals: the raw answer may quote a secret
             raise
 
-    def status(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> lm15.LM15Error:
+    def status(self, status: int, body: bytes, headers: Mapping[str, str], method: str, url: str) -> LM15Error:
         """The error for a non-2xx answer (``headers`` case-insensitive)."""
         return error_for_status(status, body, headers, url=url, secret=self._secrets, method=method)
 

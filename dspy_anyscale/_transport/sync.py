@@ -48,11 +48,11 @@ from urllib3.exceptions import ReadTimeoutError
 
 from .. import _constants as C
 from .._config import Endpoint, Timeout
+from .._secrets import Secrets
 from . import fork, urllib3_stack
 from .common import (
     Failure,
     JsonReply,
-    Secrets,
     StreamReply,
     Translator,
     build_headers,
@@ -61,6 +61,7 @@ from .common import (
     log_exchange,
     logger,
     may_resend,
+    stream_reply,
 )
 from .env import read_environment
 
@@ -154,12 +155,15 @@ class _Template(NamedTuple):
         prepared.prepare(method=method, url=url, headers=headers)
         return cls(prepared.method or method, prepared.url or url, dict(prepared.headers.items()))
 
-    def request(self, body: bytes | None) -> requests.PreparedRequest:
+    def request(self, body: bytes | None, extra: Mapping[str, str] | None = None) -> requests.PreparedRequest:
         """A request for ``body``, its documented attributes set from the template: preparing the
-        same URL and headers again would re-parse and re-validate them on every call."""
+        same URL and headers again would re-parse and re-validate them on every call. ``extra``:
+        this request's own headers (trace context), never secret."""
         request = requests.PreparedRequest()
         request.method, request.url = self.method, self.url
         headers = self.headers.copy()
+        if extra:
+            headers.update(extra)
         if body is not None:
             request.body = body
             headers["Content-Length"] = str(len(body))
@@ -242,7 +246,9 @@ class SyncTransport:
     def __repr__(self) -> str:
         return f"SyncTransport(base_url={self.endpoint.base_url!r})"
 
-    def _prepare(self, method: str, path: str, body: bytes | None) -> requests.PreparedRequest:
+    def _prepare(
+        self, method: str, path: str, body: bytes | None, extra: Mapping[str, str] | None = None
+    ) -> requests.PreparedRequest:
         template = self._templates.get((method, path))
         if template is None:
             try:
@@ -250,7 +256,7 @@ class SyncTransport:
             except requests.RequestException as exc:  # a base URL requests cannot parse
                 raise self._translator.failure(_classify(exc), method, self.endpoint.url(path), exc) from exc
             self._templates[(method, path)] = template
-        return template.request(body)
+        return template.request(body, extra)
 
     def _send(self, prepared: requests.PreparedRequest, *, stream: bool) -> requests.Response:
         for attempt in (0, 1):
@@ -281,9 +287,16 @@ class SyncTransport:
             raise self._failure(exc, prepared) from exc
         return body
 
-    def request_json(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> JsonReply:
+    def request_json(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> JsonReply:
         body = orjson.dumps(payload) if payload is not None else None
-        prepared = self._prepare(method, path, body)
+        prepared = self._prepare(method, path, body, headers)
         started = time.perf_counter()
         response = self._send(prepared, stream=False)
         status, url = response.status_code, prepared.url or ""
@@ -294,9 +307,11 @@ class SyncTransport:
         return json_reply(data, status, response.headers, started)
 
     @contextmanager
-    def stream(self, path: str, payload: Mapping[str, Any]) -> Iterator[StreamReply]:
+    def stream(
+        self, path: str, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
+    ) -> Iterator[StreamReply]:
         """Open a streamed POST; yields a :class:`StreamReply` whose chunks arrive as they are sent."""
-        prepared = self._prepare("POST", path, orjson.dumps(payload))
+        prepared = self._prepare("POST", path, orjson.dumps(payload), headers)
         started = time.perf_counter()
         response = self._send(prepared, stream=True)
         try:
@@ -306,7 +321,7 @@ class SyncTransport:
                 raise self._translator.status(status, self._read(response, prepared), response.headers, "POST", url)
             if is_json_content_type(response.headers.get("content-type")):
                 raise self._translator.not_a_stream(status, self._read(response, prepared), "POST", url)
-            yield StreamReply(status, response.headers.get("x-request-id"), self._chunks(response, prepared))
+            yield stream_reply(status, response.headers, self._chunks(response, prepared))
         finally:
             response.close()
 

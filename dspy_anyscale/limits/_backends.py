@@ -39,6 +39,9 @@ class LedgerBackend(Protocol):
 
     def report(self) -> SpendReport: ...
 
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        """The report per DSPy module that made the requests (``LedgerState.report_by_module``)."""
+
     def export(self) -> dict[str, Any]: ...
 
     def portable(self) -> LedgerBackend:
@@ -89,6 +92,10 @@ class LocalLedger:
     def report(self) -> SpendReport:
         with self._lock:
             return self._state.report(self._clock.now())
+
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        with self._lock:
+            return self._state.report_by_module()
 
     def export(self) -> dict[str, Any]:
         with self._lock:
@@ -157,6 +164,9 @@ class DetachedLedger:
         return None
 
     def report(self) -> SpendReport:
+        raise self._error()
+
+    def report_by_module(self) -> dict[str | None, SpendReport]:
         raise self._error()
 
     def export(self) -> dict[str, Any]:

@@ -159,13 +159,15 @@ class Estimate:
     the completion cap the request carries (None: no cap, which a budget or a token rate cannot
     admit); prices: USD per million tokens (None: unknown, which a budget cannot admit);
     prompt_bound: the most prompt tokens the request can have (``prompt_token_bound``), what a
-    budget reserves (None: ``prompt_tokens`` is taken as the bound).
+    budget reserves (None: ``prompt_tokens`` is taken as the bound); module: the DSPy module that
+    makes the request, for ``report_by_module`` (None: a direct call).
     """
 
     prompt_tokens: int
     max_tokens: int | None = None
     prices: Prices | None = None
     prompt_bound: int | None = None
+    module: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "max_tokens", "prompt_bound"):
@@ -176,11 +178,13 @@ class Estimate:
                 raise ConfigurationError(f"Estimate.{name} must be a non-negative integer, got {value!r}")
 
     @classmethod
-    def for_payload(cls, payload: Mapping[str, Any], prices: Prices | None = None) -> Estimate:
+    def for_payload(
+        cls, payload: Mapping[str, Any], prices: Prices | None = None, module: str | None = None
+    ) -> Estimate:
         """From a chat or completions request body (``messages`` / ``prompt``, ``tools``, ``max_tokens``)."""
         parts = {"messages": payload.get("messages"), "prompt": payload.get("prompt"), "tools": payload.get("tools")}
         max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens"))
-        return cls(estimate_prompt_tokens(**parts), max_tokens, prices, prompt_token_bound(**parts))
+        return cls(estimate_prompt_tokens(**parts), max_tokens, prices, prompt_token_bound(**parts), module)
 
     @property
     def prompt_ceiling(self) -> int:

@@ -41,6 +41,7 @@ class Ask:
     cost: int | None
     tokens: int
     prices: Prices | None = None  # to price the server's counts when the answer comes
+    module: str | None = None  # the DSPy module that asked (``report_by_module``); None: a direct call
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class LedgerState:
         self._blocks: dict[Ticket, _Block] = {}
         self._cooldown_until = -math.inf
         self.counts = _Counts()
+        # The same counts per DSPy module that asked: each request is in exactly one, so they add up.
+        self.modules: dict[str | None, _Counts] = {}
 
     # --- admission --------------------------------------------------------------------------------
 
@@ -102,7 +105,8 @@ class LedgerState:
         if unit is None:
             refusal = self._refusal(ask)
             if refusal is not None:
-                self.counts.refused += 1
+                for counts in self._counts_of(ask):
+                    counts.refused += 1
                 return Decision(refusal=refusal)
         wait = self._wait(ask, now)
         if wait > 0.0:
@@ -144,7 +148,8 @@ class LedgerState:
         ticket, count = block
         refusal = self._refusal(ask, count)
         if refusal is not None:
-            self.counts.refused += 1
+            for counts in self._counts_of(ask):
+                counts.refused += 1
             return refusal
         self._blocks[ticket] = _Block(ask, count)
         self.counts.reserved += (ask.cost or 0) * count
@@ -163,7 +168,7 @@ class LedgerState:
         found = self._blocks[block[0]]
         found.units -= 1
         self.counts.reserved -= found.ask.cost or 0
-        return Ask(cost=found.ask.cost, tokens=ask.tokens, prices=ask.prices)
+        return Ask(cost=found.ask.cost, tokens=ask.tokens, prices=ask.prices, module=ask.module)
 
     def close_block(self, ticket: Ticket) -> None:
         """The call is over: what it reserved and did not send (cache hits, a failure) goes back."""
@@ -187,7 +192,15 @@ class LedgerState:
         if self._token_bucket is not None:
             self._token_bucket.take(ask.tokens)
         self._held[ticket] = ask
-        self.counts.reserved += ask.cost or 0
+        for counts in self._counts_of(ask):
+            counts.reserved += ask.cost or 0
+
+    def _counts_of(self, ask: Ask) -> tuple[_Counts, _Counts]:
+        """The LM's counts and those of the module that asked: every change to one is made to both."""
+        module = self.modules.get(ask.module)
+        if module is None:
+            module = self.modules[ask.module] = _Counts()
+        return self.counts, module
 
     # --- outcomes ---------------------------------------------------------------------------------
 
@@ -196,15 +209,20 @@ class LedgerState:
         ask = self._held.pop(ticket, None)
         if ask is None:
             return
-        counts = self.counts
+        if prompt_tokens is not None and completion_tokens is not None:
+            self._correct_tokens(ask.tokens, prompt_tokens + completion_tokens)
+        for counts in self._counts_of(ask):
+            self._settle_counts(counts, ask, prompt_tokens, completion_tokens)
+
+    @staticmethod
+    def _settle_counts(counts: _Counts, ask: Ask, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         counts.reserved -= ask.cost or 0
         counts.requests += 1
         if prompt_tokens is None or completion_tokens is None:
-            self._book_worst_case(ask)
+            _book_worst_case(counts, ask)
             return
         counts.prompt_tokens += prompt_tokens
         counts.completion_tokens += completion_tokens
-        self._correct_tokens(ask.tokens, prompt_tokens + completion_tokens)
         if ask.prices is None:
             counts.unpriced += 1
             return
@@ -219,13 +237,13 @@ class LedgerState:
         ask = self._held.pop(ticket, None)
         if ask is None:
             return
-        counts = self.counts
-        counts.reserved -= ask.cost or 0
-        counts.failed += 1
-        counts.requests += 1
-        if billed:
-            self._book_worst_case(ask)
-        elif self._token_bucket is not None:
+        for counts in self._counts_of(ask):
+            counts.reserved -= ask.cost or 0
+            counts.failed += 1
+            counts.requests += 1
+            if billed:
+                _book_worst_case(counts, ask)
+        if not billed and self._token_bucket is not None:
             self._token_bucket.give_back(ask.tokens)
 
     def forget(self, ticket: Ticket) -> None:
@@ -233,18 +251,12 @@ class LedgerState:
         ask = self._held.pop(ticket, None)
         if ask is None:
             return
-        self.counts.reserved -= ask.cost or 0
+        for counts in self._counts_of(ask):
+            counts.reserved -= ask.cost or 0
         if self._request_bucket is not None:
             self._request_bucket.give_back(1)
         if self._token_bucket is not None:
             self._token_bucket.give_back(ask.tokens)
-
-    def _book_worst_case(self, ask: Ask) -> None:
-        self.counts.unknown_usage += 1
-        if ask.cost is None:
-            self.counts.unpriced += 1
-        else:
-            self.counts.spent += ask.cost
 
     def _correct_tokens(self, reserved: int, actual: int) -> None:
         if self._token_bucket is None:
@@ -262,6 +274,32 @@ class LedgerState:
         self.counts.rate_limited += 1
 
     # --- reading and moving -----------------------------------------------------------------------
+
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        """The counts per DSPy module that asked (None: direct calls). Limits are the LM's, not a module's:
+        budget and request caps are None here; cool-downs and 429s are counted for the LM only."""
+        in_flight: dict[str | None, int] = {}
+        for ask in self._held.values():
+            in_flight[ask.module] = in_flight.get(ask.module, 0) + 1
+        return {
+            module: SpendReport(
+                spent_usd=None if counts.unpriced else pico_to_usd(counts.spent),
+                reserved_usd=pico_to_usd(counts.reserved),
+                budget_usd=None,
+                remaining_usd=None,
+                requests=counts.requests,
+                in_flight=in_flight.get(module, 0),
+                max_requests=None,
+                remaining_requests=None,
+                prompt_tokens=counts.prompt_tokens,
+                completion_tokens=counts.completion_tokens,
+                unknown_usage=counts.unknown_usage,
+                failed=counts.failed,
+                refused=counts.refused,
+                overruns=counts.overruns,
+            )
+            for module, counts in self.modules.items()
+        }
 
     def report(self, now: float) -> SpendReport:
         counts, limits = self.counts, self.limits
@@ -296,12 +334,28 @@ class LedgerState:
                 f"cannot move the ledger while {self._reserved_requests()} requests are in flight or reserved; "
                 "move it before the job starts"
             )
-        return {"counts": vars(self.counts).copy(), "cooldown_s": max(0.0, self._cooldown_until - now)}
+        return {
+            "counts": vars(self.counts).copy(),
+            "cooldown_s": max(0.0, self._cooldown_until - now),
+            "modules": {module: vars(counts).copy() for module, counts in self.modules.items()},
+        }
 
     def restore(self, state: dict[str, Any], now: float) -> None:
         for name, value in state["counts"].items():
             setattr(self.counts, name, value)
         self._cooldown_until = now + state["cooldown_s"]
+        for module, values in state.get("modules", {}).items():
+            counts = self.modules[module] = _Counts()
+            for name, value in values.items():
+                setattr(counts, name, value)
+
+
+def _book_worst_case(counts: _Counts, ask: Ask) -> None:
+    counts.unknown_usage += 1
+    if ask.cost is None:
+        counts.unpriced += 1
+    else:
+        counts.spent += ask.cost
 
 
 class _Block:

@@ -180,7 +180,12 @@ class Limiter:
         tokens = estimate.worst_tokens
         if self.limits.tokens_per_minute is not None and tokens is None:
             raise ConfigurationError("tokens_per_minute needs max_tokens on every request, to reserve its tokens")
-        return Ask(cost=cost, tokens=estimate.prompt_tokens if tokens is None else tokens, prices=estimate.prices)
+        return Ask(
+            cost=cost,
+            tokens=estimate.prompt_tokens if tokens is None else tokens,
+            prices=estimate.prices,
+            module=estimate.module,
+        )
 
     def _estimate_user(self) -> str:
         return "budget_usd" if self.limits.budget_usd is not None else "tokens_per_minute"
@@ -199,7 +204,8 @@ class Limiter:
         if n <= 1:
             yield
             return
-        call = _Call(self, (self._client, "call", next(self._tickets)), n)
+        # Inside another limiter's call (a Router's limits around a member's): both reserve their n.
+        call = _Call(self, (self._client, "call", next(self._tickets)), n, outer=_CALL.get())
         token = _CALL.set(call)
         try:
             yield
@@ -211,7 +217,9 @@ class Limiter:
     def _block(self) -> Block | None:
         """The block of the call being made in this context, if it is one of this limiter's."""
         call = _CALL.get()
-        if call is None or call.limiter is not self:
+        while call is not None and call.limiter is not self:
+            call = call.outer
+        if call is None:
             return None
         call.asked = True
         return call.block
@@ -255,6 +263,10 @@ class Limiter:
 
     def report(self) -> SpendReport:
         return self._backend.report()
+
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        """:meth:`report` per DSPy module that made the requests (None: direct calls); they add up to it."""
+        return self._backend.report_by_module()
 
     def attach(self, backend: LedgerBackend) -> None:
         """Use another ledger from now on (e.g. a detached copy joining a shared one). Only while idle."""
@@ -308,10 +320,11 @@ def _restore(limits: Limits, backend: LedgerBackend) -> Limiter:
 class _Call:
     """One call of ``n`` requests in progress (see ``Limiter.candidates``)."""
 
-    __slots__ = ("asked", "block", "limiter")
+    __slots__ = ("asked", "block", "limiter", "outer")
 
-    def __init__(self, limiter: Limiter, ticket: Ticket, n: int) -> None:
+    def __init__(self, limiter: Limiter, ticket: Ticket, n: int, outer: _Call | None = None) -> None:
         self.limiter = limiter
+        self.outer = outer  # the call of another limiter this one is made inside, if any
         self.block: Block = (ticket, n)
         self.asked = False  # a request asked the ledger: the block may exist and must be closed
 

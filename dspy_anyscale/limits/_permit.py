@@ -10,12 +10,13 @@ import asyncio
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dspy import lm15
-from dspy.utils.exceptions import LMRateLimitError
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # DSPy's types as this package uses them (DSPy ships none); at run time, DSPy's own
+    from .._dspy_types import LMRateLimitError, lm15
     from ._gate import Waiter
     from ._ledger import Ticket
+else:
+    from dspy import lm15
+    from dspy.utils.exceptions import LMRateLimitError
 
 # Failures after which the server may still have done (and billed) the work: a timed-out or
 # abandoned request may have been generated in full. The others (4xx, 429, 5xx, connection

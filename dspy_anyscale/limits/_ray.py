@@ -66,6 +66,9 @@ class LedgerActor:
     def report(self) -> SpendReport:
         return self._state.report(time.monotonic())
 
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        return self._state.report_by_module()
+
     def export(self) -> dict[str, Any]:
         return self._state.export(time.monotonic())
 
@@ -146,12 +149,14 @@ class RayLedger:
     # --- LedgerBackend --------------------------------------------------------------------------------
 
     def reserve(self, ticket: Ticket, ask: Ask, block: Block | None = None) -> Decision:
-        return self._get("reserve", ticket, ask, block)
+        decision: Decision = self._get("reserve", ticket, ask, block)  # the actor's Ledger.reserve
+        return decision
 
     async def areserve(self, ticket: Ticket, ask: Ask, block: Block | None = None) -> Decision:
         ray = self._ray()
         try:
-            return await self.handle.reserve.remote(ticket, ask, block)
+            decision: Decision = await self.handle.reserve.remote(ticket, ask, block)  # the actor's Ledger.reserve
+            return decision
         except ray.exceptions.RayTaskError:
             raise
         except Exception as exc:
@@ -174,11 +179,18 @@ class RayLedger:
 
     def report(self) -> SpendReport:
         self.flush()
-        return self._get("report")
+        report: SpendReport = self._get("report")  # the actor's Ledger.report
+        return report
+
+    def report_by_module(self) -> dict[str | None, SpendReport]:
+        self.flush()
+        reports: dict[str | None, SpendReport] = self._get("report_by_module")
+        return reports
 
     def export(self) -> dict[str, Any]:
         self.flush()
-        return self._get("export")
+        state: dict[str, Any] = self._get("export")  # the actor's Ledger.export
+        return state
 
     def flush(self) -> None:
         """Wait until the ledger has applied everything this process sent it (nothing to wait for

@@ -25,8 +25,9 @@ are retried by DSPy as everywhere else. A row that fails (its program raised any
 type per column: a column of the rows that mixes types is turned into text, with a warning.
 
 Output rows: the input row's columns, the prediction's fields as ``pred_<field>``, ``error``
-(None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` and
-``latency_ms`` (and ``score`` from :func:`evaluate`), in completion order.
+(None or ``"<ErrorClass>: message"``), ``prompt_tokens``, ``completion_tokens``, ``cost_usd``,
+``latency_ms`` and ``usage_by_module`` (the row's usage per DSPy module, as JSON text, summed by
+``summarize_run(results, by="module")``) (and ``score`` from :func:`evaluate`), in completion order.
 
 Limits for the whole job, ``limits=Limits(budget_usd=..., max_requests=..., requests_per_minute=...,
 tokens_per_minute=...)`` (``Anyscale``'s limits as one value), go to ``run_program`` / ``evaluate``
@@ -47,8 +48,8 @@ from __future__ import annotations
 
 from ..errors import PoolError
 from ..limits import Limits
+from ..runs.rows import RunSummary
 from ._pool import ProgramPool
-from ._rows import RunSummary
 from ._run import evaluate, run_program, summarize_run
 
 __all__ = ["Limits", "PoolError", "ProgramPool", "RunSummary", "evaluate", "run_program", "summarize_run"]

@@ -31,9 +31,23 @@ import threading
 
 from .. import _constants as C
 from ..anyscale import Anyscale
-from ..errors import BudgetExceededError
 from ..limits import AnyLimiter, Limiter, Limits, SpendReport
 from ..limits._ray import RayLedger, first_line
+from ..router import Router
+from ..runs.budget import BUDGET_ERROR, budget_refusal, used_up
+
+__all__ = [
+    "BUDGET_ERROR",
+    "budget_refusal",
+    "flush",
+    "on_the_lm_or_here",
+    "return_lm_ledger",
+    "share_lm_ledger",
+    "start_ledger",
+    "stop_ledger",
+    "used_up",
+    "without_limits",
+]
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -61,7 +75,7 @@ _lent: dict[Limiter, int] = {}
 _lent_lock = threading.Lock()
 
 
-def share_lm_ledger(lm: Anyscale) -> Limiter | None:
+def share_lm_ledger(lm: Anyscale | Router) -> Limiter | None:
     """The LM's own limiter with its ledger in a Ray actor for a job, or None if it has no limits.
 
     The driver's LM keeps it: its own calls and ``lm.spending()`` go to the same ledger as the
@@ -125,45 +139,5 @@ def flush(limiter: AnyLimiter | None) -> None:
         backend.flush()
 
 
-# --- in a worker: a refusal, and whether the cap behind it is used up ---------------------------------
-
-BUDGET_ERROR = BudgetExceededError.__name__
-
-
-def budget_refusal(exc: BaseException) -> BudgetExceededError | None:
-    """The ``BudgetExceededError`` behind ``exc`` (itself, or one a program wrapped), or None."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, BudgetExceededError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def used_up(refusal: BudgetExceededError) -> str | None:
-    """Why no request like the refused one can ever be admitted again, or None if one may be.
-
-    A refusal counts what is in flight too: those requests may settle for less than their worst
-    case, or fail unbilled, and make room. What is spent and made only grows, so when those alone
-    leave no room the cap is used up, and the run stops sending.
-    """
-    if refusal.limit == "max_requests":
-        if refusal.max_requests is not None and refusal.requests >= refusal.max_requests:
-            return f"max_requests={refusal.max_requests} are used up ({refusal.requests} requests made)"
-        return None
-    if refusal.budget_usd is None:
-        return None
-    if _pico(refusal.spent_usd) + _pico(refusal.request_usd) > _pico(refusal.budget_usd):
-        left = max(0.0, refusal.budget_usd - refusal.spent_usd)
-        return (
-            f"budget_usd is used up: ${refusal.spent_usd:.6f} spent of ${refusal.budget_usd:g}, and the ${left:.6f} "
-            f"left is less than a request's worst case (${refusal.request_usd:.6f})"
-        )
-    return None
-
-
-def _pico(usd: float) -> int:
-    """Back to the ledger's integer pico-USD: its figures came as ``pico / 1e12``, so rounding is exact."""
-    return round(usd * 1e12)
+# --- in a worker: a refusal, and whether the cap behind it is used up: dspy_anyscale.runs.budget, shared
+# with the local runner (these names stay importable from here).

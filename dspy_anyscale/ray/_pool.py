@@ -7,12 +7,12 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dspy
-from ray.exceptions import ActorUnschedulableError, RayActorError, RayError
+from ray.exceptions import ActorUnschedulableError, ObjectLostError, RayActorError, RayError
 
 from .. import _constants as C
 from .._validate import check_job_limits, check_pool_arguments
@@ -21,9 +21,11 @@ from ..errors import PoolError
 from ..limits import AnyLimiter, Limiter, Limits, SpendReport
 from ..limits._config import job_limits
 from ..limits._ray import first_line
+from ..router import Router
+from ..runs.rows import RunSpec, Tally, failed_row, tally_of
 from ._job_limits import on_the_lm_or_here, return_lm_ledger, share_lm_ledger, start_ledger, stop_ledger
 from ._ray import ray
-from ._rows import PoolWorker, RunSpec, Tally, as_rows, failed_row, tally_of, to_block
+from ._rows import PoolWorker, as_rows, to_block
 
 logger = logging.getLogger(C.LOGGER_NAME)
 
@@ -96,7 +98,7 @@ class ProgramPool:
     def __init__(
         self,
         *,
-        lm: Anyscale,
+        lm: Anyscale | Router,
         adapter: dspy.Adapter | None = None,
         concurrency: int = C.RAY_DEFAULT_CONCURRENCY,
         threads_per_actor: int = C.RAY_DEFAULT_THREADS_PER_ACTOR,
@@ -115,7 +117,7 @@ class ProgramPool:
             num_cpus=num_cpus,
             max_restarts=max_restarts,
             start_timeout=start_timeout,
-            anyscale=Anyscale,
+            anyscale=(Anyscale, Router),
         )
         own_limits = check_job_limits(
             given,
@@ -271,11 +273,17 @@ class ProgramPool:
 
     # --- runs ----------------------------------------------------------------------------------------
 
-    def _run(self, spec: RunSpec, batches: Iterator[Any]) -> tuple[list[Any], Tally]:
+    def _run(
+        self,
+        spec: RunSpec,
+        batches: Iterator[Any],
+        on_batch: OnBatch | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[list[Any], Tally]:
         with self._lock:  # one run at a time: each run's back-pressure counts on all the workers
             self._check_open()
             try:
-                return _PoolRun(self, spec, batches).execute()
+                return _PoolRun(self, spec, batches, on_batch, should_stop).execute()
             except PoolError as exc:
                 if not any(not slot.dead for slot in self._slots):
                     self._shutdown(f"all its workers died ({exc})")
@@ -297,11 +305,29 @@ class _Task:
     block_ref: Any
 
 
-class _PoolRun:
-    """One run on a pool: hands batches to free workers, collects the result blocks as they complete."""
+# Told of each batch's result block as it reaches the driver (a long run writes it), with its tally.
+OnBatch = Callable[[Any, Mapping[str, Any]], None]
 
-    def __init__(self, pool: ProgramPool, spec: RunSpec, batches: Iterator[Any]) -> None:
+
+class _PoolRun:
+    """One run on a pool: hands batches to free workers, collects the result blocks as they complete.
+
+    ``on_batch`` is called once per batch that completes (a batch retried after its worker died is
+    reported once, when its retry completes). ``should_stop`` (a Ctrl-C) stops sending batches; the
+    run then waits up to ``RUNS_INTERRUPT_WAIT_S`` for those in flight and returns what it has.
+    """
+
+    def __init__(
+        self,
+        pool: ProgramPool,
+        spec: RunSpec,
+        batches: Iterator[Any],
+        on_batch: OnBatch | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         self.pool, self.spec, self.batches = pool, spec, batches
+        self.on_batch, self.should_stop = on_batch, should_stop
+        self.stopping: float | None = None  # when should_stop first said so
         self.run_id = uuid.uuid4().hex
         self.spec_ref = [ray.put(spec)]  # the program travels once per run, not once per batch
         self.retries: deque[_Batch] = deque()
@@ -320,6 +346,8 @@ class _PoolRun:
     def _loop(self) -> tuple[list[Any], Tally]:
         while True:
             self.pool._check_open()  # closed from another thread while this run waited
+            if self._stopped():
+                return self.blocks, self.tally
             self._submit()
             if not self.pending and not self.retries and not self.more:
                 return self.blocks, self.tally
@@ -333,6 +361,21 @@ class _PoolRun:
                 else:
                     self.pool._on_started(starting[ref])
             self.pool._expire_starting()
+
+    def _stopped(self) -> bool:
+        """Asked to stop: no batch is sent any more; True once those in flight are back or the wait is over."""
+        if self.stopping is None and self.should_stop is not None and self.should_stop():
+            self.stopping = time.monotonic()
+            self.more = False
+            self.retries.clear()  # a dead worker's batch: left to the resumed run
+        if self.stopping is None:
+            return False
+        if not self.pending:
+            return True
+        if time.monotonic() - self.stopping > C.RUNS_INTERRUPT_WAIT_S:
+            self._cancel()
+            return True
+        return False
 
     def _cancel(self) -> None:
         for ref in self.pending:
@@ -378,13 +421,17 @@ class _PoolRun:
             task.slot.outstanding -= 1
             task.slot.alone = False
         try:
-            self.tally.add(ray.get(ref))
-            self.blocks.append(task.block_ref)
-        except (RayActorError, ActorUnschedulableError) as exc:
+            counts = ray.get(ref)
+            if self.on_batch is not None:  # before counting it: a block lost with its worker is run again
+                self.on_batch(task.block_ref, counts)
+        except (RayActorError, ActorUnschedulableError, ObjectLostError) as exc:  # its block lost with its node too
             self.pool._worker_died(task.slot, task.actor, exc)
             self._retry_or_fail(task.batch, exc)
         except RayError as exc:  # not a row's failure (those are caught in the row): the run cannot go on
             raise PoolError(f"a batch failed on pool worker {task.slot.index}: {first_line(exc)}") from exc
+        else:
+            self.tally.add(counts)
+            self.blocks.append(task.block_ref)
 
     def _retry_or_fail(self, batch: _Batch, exc: BaseException) -> None:
         if batch.attempts < 2:
@@ -393,8 +440,11 @@ class _PoolRun:
         # Twice is enough: a row that kills its worker would kill every replacement.
         error = f"{type(exc).__name__}: the pool worker running this row's batch died (twice); see Ray's logs"
         rows = [{**row, **failed_row(error, self.spec), "latency_ms": None} for row in as_rows(batch.rows)]
-        self.tally.add(tally_of(rows))
+        counts = tally_of(rows)
+        self.tally.add(counts)
         self.blocks.append(ray.put(to_block(rows, self.spec.output_columns)))
+        if self.on_batch is not None:
+            self.on_batch(self.blocks[-1], counts)
 
 
 def _get_ready(slot: _Slot) -> None:

@@ -2,139 +2,41 @@
 
 from __future__ import annotations
 
-import json
 import os
-import reprlib
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any
 
 import dspy
-import pyarrow  # type: ignore[import-untyped]  # installed with Ray Data, no stubs
-from dspy.utils.usage_tracker import UsageTracker
 from ray.data.block import BlockAccessor
 
 from ..anyscale import Anyscale
 from ..limits import Limiter
-from ..usage import usage_totals
-from ._job_limits import BUDGET_ERROR, budget_refusal, flush, used_up
+from ..router import Router, is_router_state, sized_state
+from ..runs.parquet import mixed_columns  # pyarrow: installed with Ray Data
+from ..runs.rows import RowRunner, RunSpec, columns_of, output_columns, tally_of
+from ._job_limits import flush
 from ._ray import ray
 
-PREDICTION_PREFIX = "pred_"
-USAGE_COLUMNS = ("error", "prompt_tokens", "completion_tokens", "cost_usd", "latency_ms")
-Metric = Callable[[dspy.Example, dspy.Prediction], float | bool]
+# The row shape is the local runner's (dspy_anyscale.runs.rows); these names stay importable from here.
+__all__ = [
+    "PoolWorker",
+    "ProgramActor",
+    "RowRunner",
+    "RunSpec",
+    "as_rows",
+    "mixed_columns",
+    "output_columns",
+    "to_block",
+    "worker_lm",
+]
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    rows: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float | None
-    seconds: float | None = None
-    score: float | None = None
-    refused: int = 0  # of the errors: rows refused by budget_usd or max_requests (their refused requests unsent)
-
-    @property
-    def rows_per_second(self) -> float | None:
-        return self.rows / self.seconds if self.seconds else None
-
-    def __str__(self) -> str:
-        cost = f"${self.cost_usd:.6f}" if self.cost_usd is not None else "cost unknown"
-        speed = f", {self.rows_per_second:.1f} rows/s" if self.rows_per_second else ""
-        score = f", score {self.score}" if self.score is not None else ""
-        refused = f" ({self.refused} over budget)" if self.refused else ""
-        return (
-            f"{self.rows} rows, {self.errors} errors{refused}, {self.prompt_tokens} prompt + "
-            f"{self.completion_tokens} completion tokens, {cost}{speed}{score}"
-        )
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What one run sends its workers once: the program as it is now, and how to read its rows."""
-
-    program: dspy.Module
-    input_keys: tuple[str, ...]
-    output_columns: tuple[str, ...]
-    metric: Metric | None = None
-    failure_score: float = 0.0
-    # The run's own limits (a ledger in a Ray actor; it pickles as the actor's handle), else None:
-    # the workers' LMs then count against the pool's ledger, or the LM's own.
-    limiter: Limiter | None = None
-
-
-class RowRunner:
-    """Runs one row of a run with a worker's LM: the prediction, its usage, its score or its error.
-
-    Once a refusal shows that the run's cap is used up (``budget_usd`` or ``max_requests``), the
-    run stops sending: every row after it fails at once with ``BudgetExceededError``, unrun.
-    """
-
-    def __init__(self, spec: RunSpec, lm: Anyscale, adapter: dspy.Adapter | None) -> None:
-        self.spec = spec
-        self.lm = lm
-        self.adapter = adapter
-        self.limiter = lm.limiter  # the ledger this run's rows count against, flushed after each batch
-        self.stopped: str | None = None  # set once: why the rows left are not run
-        self.kinds = output_kinds(spec.program)  # pred_ columns the signature declares bool, int or float
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        spec = self.spec
-        started = time.perf_counter()
-        out: dict[str, Any] = dict(row)
-        if self.stopped is not None:
-            reason = f"{BUDGET_ERROR}: this row was not run: {self.stopped}; the run stopped sending"
-            out.update(failed_row(reason, spec))
-        else:
-            self._run(row, out)
-        out["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return out
-
-    def _run(self, row: dict[str, Any], out: dict[str, Any]) -> None:
-        spec = self.spec
-        usage = UsageTracker()  # this row's calls, answered or not: a row that fails half-way was still billed
-        try:
-            with dspy.context(lm=self.lm, adapter=self.adapter, track_usage=True, usage_tracker=usage):
-                prediction = spec.program(**{key: row[key] for key in spec.input_keys})
-            out.update(self._cells(prediction))
-            out["error"] = None
-            if spec.metric is not None:
-                out["score"] = float(spec.metric(example_of(row, spec.input_keys), prediction))
-        except KeyboardInterrupt:
-            raise  # someone stopping the worker: not this row's failure
-        except BaseException as exc:  # SystemExit too: one bad row never stops the job, it is its own error
-            out.update(failed_row(self._error(exc), spec))
-        out.update(self._usage(usage.get_total_tokens()))
-
-    def _cells(self, prediction: dspy.Prediction) -> dict[str, Any]:
-        cells = {PREDICTION_PREFIX + key: value for key, value in prediction.items()}
-        return {name: cell(name, value, self.kinds.get(name)) for name, value in cells.items()}
-
-    def _error(self, exc: BaseException) -> str:
-        refusal = budget_refusal(exc)
-        if refusal is None:
-            return f"{type(exc).__name__}: {exc}"
-        reason = used_up(refusal)
-        if reason is not None and self.stopped is None:
-            self.stopped = reason
-        return f"{BUDGET_ERROR}: {refusal}"
-
-    def _usage(self, usage: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        if not usage:  # every LM call was answered from DSPy's cache
-            return {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
-        prompt, completion = usage_totals(usage)  # None when the server did not send the counts
-        cost = self.lm.cost_of(prompt, completion)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost}
-
-
-def worker_lm(lm_state: Mapping[str, Any], threads: int) -> Anyscale:
+def worker_lm(lm_state: Mapping[str, Any], threads: int) -> Anyscale | Router:
     # The state has no key: load_state finds it in this worker's environment.
+    if is_router_state(lm_state):  # each member's connection pool sized for the worker's threads
+        return Router.load_state(sized_state(lm_state, max(threads, 1)), allow_custom_lm_class=True)
     return Anyscale.load_state({**lm_state, "pool_size": max(threads, 1)})
 
 
@@ -193,56 +95,6 @@ class PoolWorker:
             return self._runners[run_id]
 
 
-@dataclass
-class Tally:
-    """Running totals of a run's rows; workers send one per batch, so a summary needs no second pass."""
-
-    rows: int = 0
-    errors: int = 0
-    refused: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    unknown_cost: int = 0
-    score: float = 0.0
-
-    def add(self, counts: Mapping[str, Any]) -> None:
-        for name, value in counts.items():
-            setattr(self, name, getattr(self, name) + value)
-
-    def summary(self, *, seconds: float | None, scored: bool) -> RunSummary:
-        return RunSummary(
-            rows=self.rows,
-            errors=self.errors,
-            prompt_tokens=int(self.prompt_tokens),
-            completion_tokens=int(self.completion_tokens),
-            cost_usd=None if self.unknown_cost else float(self.cost_usd),
-            seconds=seconds,
-            score=round(100 * self.score / self.rows, 2) if scored and self.rows else None,
-            refused=self.refused,
-        )
-
-
-def tally_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    return {
-        "rows": len(rows),
-        "errors": sum(row["error"] is not None for row in rows),
-        "refused": sum((row["error"] or "").startswith(f"{BUDGET_ERROR}:") for row in rows),
-        "prompt_tokens": sum(row["prompt_tokens"] or 0 for row in rows),
-        "completion_tokens": sum(row["completion_tokens"] or 0 for row in rows),
-        "cost_usd": sum(row["cost_usd"] or 0.0 for row in rows),
-        "unknown_cost": sum(row["cost_usd"] is None for row in rows),
-        "score": sum(row.get("score") or 0.0 for row in rows),
-    }
-
-
-def failed_row(message: str, spec: RunSpec) -> dict[str, Any]:
-    failed: dict[str, Any] = {"error": message, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
-    if spec.metric is not None:
-        failed["score"] = spec.failure_score
-    return failed
-
-
 def to_block(rows: list[dict[str, Any]], always: Sequence[str]) -> Any:
     """An Arrow block, converted as Ray Data converts a ``map_batches`` output."""
     return BlockAccessor.batch_to_block(columns_of(rows, always))
@@ -251,108 +103,3 @@ def to_block(rows: list[dict[str, Any]], always: Sequence[str]) -> Any:
 def as_rows(rows: Any) -> list[dict[str, Any]]:
     # A pyarrow Table: nulls stay None (numpy would make them NaN).
     return rows.to_pylist() if hasattr(rows, "to_pylist") else list(rows)
-
-
-def output_columns(program: dspy.Module, metric: Metric | None) -> list[str]:
-    """Columns every output batch has, even one whose rows all failed: the last predictor's outputs."""
-    predictors = program.predictors()
-    fields = list(predictors[-1].signature.output_fields) if predictors else []
-    return [PREDICTION_PREFIX + name for name in fields] + list(USAGE_COLUMNS) + (["score"] if metric else [])
-
-
-def columns_of(rows: list[dict[str, Any]], always: Sequence[str]) -> dict[str, list[Any]]:
-    keys = list(dict.fromkeys([*(key for row in rows for key in row), *always]))  # failed rows lack pred_ fields
-    return {key: [row.get(key) for row in rows] for key in keys}
-
-
-def example_of(row: Mapping[str, Any], input_keys: Sequence[str]) -> dspy.Example:
-    return dspy.Example(**row).with_inputs(*input_keys)
-
-
-# --- one type per column: Ray Data stores rows as Arrow, which cannot merge blocks whose column types
-# differ (int64 in one, string in another), and would fail the whole run. ----------------------------
-
-_DECLARED = {bool: "bool", int: "int", float: "float"}
-# Values Arrow stores natively; a column of these that mixes types is turned into text.
-PLAIN_DATA = (str, bytes, bool, int, float, list, tuple, dict)
-
-
-def output_kinds(program: dspy.Module) -> dict[str, str]:
-    """``pred_<field>`` -> "bool", "int" or "float", for the fields the last predictor's signature
-    declares so (``Optional`` too); every other prediction field is stored as text."""
-    predictors = program.predictors()
-    if not predictors:
-        return {}
-    kinds = {}
-    for name, field in predictors[-1].signature.output_fields.items():
-        kind = _declared_kind(field.annotation)
-        if kind is not None:
-            kinds[PREDICTION_PREFIX + name] = kind
-    return kinds
-
-
-def _declared_kind(annotation: Any) -> str | None:
-    if get_origin(annotation) in (Union, UnionType):
-        members = [arg for arg in get_args(annotation) if arg is not type(None)]
-        if len(members) != 1:
-            return None  # int | str: text
-        annotation = members[0]
-    return _DECLARED.get(annotation)
-
-
-def cell(name: str, value: Any, kind: str | None) -> Any:
-    """The value of one prediction field as its column stores it, the same type in every row: text,
-    or the bool / int / float its signature declares. A value that does not fit its declared type
-    is that row's error (``TypeError``), never a column of two types."""
-    if value is None:
-        return None
-    if kind is None:
-        return text(value)
-    if isinstance(value, bool):
-        if kind == "bool":
-            return value
-    elif kind == "float" and isinstance(value, int | float):
-        return float(value)
-    elif kind == "int" and isinstance(value, int):
-        return value
-    raise TypeError(
-        f"{name}: the signature declares {kind}, and the program returned {type(value).__name__} "
-        f"{reprlib.repr(value)}; a column holds one type"
-    )
-
-
-def mixed_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Columns of plain data (str, numbers, lists, dicts) that Arrow cannot hold as one type, each
-    with the type names it mixes. Columns of other Python objects are left to Ray (it pickles them)."""
-    columns: dict[str, list[Any]] = {}
-    for row in rows:
-        for name, value in row.items():
-            if value is not None:
-                columns.setdefault(name, []).append(value)
-    mixed = {}
-    for name, values in columns.items():
-        if not all(isinstance(value, PLAIN_DATA) for value in values):
-            continue
-        try:
-            pyarrow.array(values)
-        except (pyarrow.ArrowException, ValueError, TypeError, OverflowError):
-            mixed[name] = sorted({type(value).__name__ for value in values})
-    return mixed
-
-
-def as_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> list[dict[str, Any]]:
-    """The rows with these columns' values as text (None stays None)."""
-    names = set(columns)
-    return [{k: (v if k not in names or v is None else text(v)) for k, v in row.items()} for row in rows]
-
-
-def text(value: Any) -> str:
-    """A value as text: scalars as ``str`` gives them, containers and models as JSON."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return str(value)
-    try:
-        return json.dumps(value.model_dump() if hasattr(value, "model_dump") else value, default=str)
-    except (TypeError, ValueError):
-        return str(value)

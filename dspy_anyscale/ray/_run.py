@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import dspy
 
@@ -24,6 +25,19 @@ from .._validate import (
 from ..anyscale import Anyscale
 from ..limits import Limiter, Limits, SpendReport
 from ..limits._config import LIMIT_NAMES, job_limits
+from ..router import Router
+from ..runs.rows import (
+    USAGE_BY_MODULE,
+    Metric,
+    ModuleTally,
+    RunSpec,
+    RunSummary,
+    Tally,
+    as_text,
+    check_summary_by,
+    output_columns,
+    tally_of,
+)
 from ._job_limits import (
     on_the_lm_or_here,
     return_lm_ledger,
@@ -32,20 +46,10 @@ from ._job_limits import (
     stop_ledger,
     without_limits,
 )
+from ._long import LongRun, LongRunOptions, quiet_ray_data, stream_blocks
 from ._pool import ProgramPool
 from ._ray import ray
-from ._rows import (
-    Metric,
-    ProgramActor,
-    RunSpec,
-    RunSummary,
-    Tally,
-    as_text,
-    mixed_columns,
-    output_columns,
-    tally_of,
-    to_block,
-)
+from ._rows import ProgramActor, mixed_columns, to_block
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -57,7 +61,7 @@ def run_program(
     program: dspy.Module,
     dataset: Dataset | Iterable[Mapping[str, Any] | dspy.Example],
     *,
-    lm: Anyscale | None = None,
+    lm: Anyscale | Router | None = None,
     adapter: dspy.Adapter | None = None,
     input_keys: Sequence[str] | None = None,
     concurrency: int | None = None,
@@ -69,6 +73,12 @@ def run_program(
     failure_score: float = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: ProgramPool | None = None,
     limits: Limits | None = None,
+    output: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    retry_errors: bool = False,
+    progress: bool | str = True,
+    id_column: str | None = None,
+    filesystem: Any = None,
     **legacy_limits: Any,
 ) -> Dataset:
     """Map ``program`` over ``dataset`` on Ray actors; one output row per input row.
@@ -88,7 +98,7 @@ def run_program(
     Without ``pool=``: a new pool of ``concurrency`` (default 4) Ray Data actors is built for this
     run, each reserving ``num_cpus`` (default 0.25: they wait on the network) and running rows on
     ``threads_per_actor`` (default 8) threads. With ``materialize=True`` (the default) the run
-    executes now, with Ray's progress bar on the driver, and its summary is logged;
+    executes now, with its progress on the driver, and its summary is logged;
     ``materialize=False`` returns the lazy dataset, to stream into ``write_parquet`` and the like.
 
     With ``pool=`` (a :class:`ProgramPool`): the run uses the pool's actors, LM and adapter, so
@@ -115,6 +125,19 @@ def run_program(
     ``lm``'s own ledger stays in Ray until ``lm.limiter.bring_home()`` (call it before
     ``ray.shutdown()``; after, the ``lm`` refuses to send and says so). The five limits as
     keywords (``run_program(..., budget_usd=...)``) are deprecated, accepted for one release.
+
+    Long runs, as ``dspy_anyscale.run_program``: ``output=`` (``.jsonl``, ``.parquet``, or a
+    directory of Parquet parts; local, a URI or ``filesystem=``) gets each batch's rows, written by
+    the driver as the batch comes back, each with a ``row_id``; a killed driver's next run with
+    ``resume=True`` runs only the rows not in it (``retry_errors=True``: its error rows too). With
+    a Ray Dataset, name its unique id column (``id_column=``); in-memory rows may use a digest of
+    their inputs. ``progress``: the figures on the driver (a bar on a terminal, log lines
+    elsewhere), with Ray Data's own bars and INFO lines quiet; False for none, ``"ray"`` for Ray
+    Data's. The first Ctrl-C stops sending batches (with a pool: waits for those in flight and
+    writes them), says how to resume and raises ``KeyboardInterrupt``. A worker lost mid-run
+    loses no row: the pool runs its batches again. A run that writes its output executes now
+    (``materialize=False`` is refused with ``output=``), and the Dataset returned holds the rows
+    the output had too.
     """
     given = job_limits(limits, legacy_limits, where="run_program")
     results, _ = _run(
@@ -132,6 +155,7 @@ def run_program(
         failure_score=failure_score,
         pool=pool,
         limits=given,
+        long_run=LongRunOptions(output, resume, retry_errors, progress, id_column, filesystem),
     )
     return results
 
@@ -141,7 +165,7 @@ def evaluate(
     dataset: Dataset | Iterable[Mapping[str, Any] | dspy.Example],
     metric: Metric,
     *,
-    lm: Anyscale | None = None,
+    lm: Anyscale | Router | None = None,
     input_keys: Sequence[str] | None = None,
     failure_score: float = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: ProgramPool | None = None,
@@ -159,22 +183,26 @@ def evaluate(
     The score is computed as ``dspy.Evaluate`` computes it: ``round(100 * sum(scores) / rows, 2)``,
     with ``failure_score`` for a row whose program raised (a row refused by the run's limits
     too). ``run_options`` are :func:`run_program`'s (``adapter``, ``concurrency``, ``batch_size``,
-    ...); ``limits`` are its limits for the whole run (the five as keywords are deprecated).
+    ``output``, ``resume``, ...); ``limits`` are its limits for the whole run (the five as keywords
+    are deprecated). A resumed run's score is over the rows its output had and those it ran, together.
     """
     # Limits' fields among the run options: the deprecated spelling of limits=.
     legacy_limits = {name: run_options.pop(name) for name in list(run_options) if name in LIMIT_NAMES}
     given = job_limits(limits, legacy_limits, where="evaluate")
     check_metric(metric, optional=False)
-    check_run_options(run_options, _RUN_OPTIONS, where="evaluate")
+    check_run_options(run_options, _RUN_OPTIONS | _LONG_RUN_OPTIONS, where="evaluate")
+    long_options = {name: run_options.pop(name) for name in list(run_options) if name in _LONG_RUN_OPTIONS}
+    long_run = LongRunOptions(**long_options, function="dspy_anyscale.ray.evaluate")
     options = {"lm": lm, "input_keys": input_keys, "failure_score": failure_score, "pool": pool, **run_options}
-    results, tally = _run(program, dataset, metric=metric, limits=given, **options)
-    if tally is not None:  # a pool run counted as it went: no second pass over the results
+    results, tally = _run(program, dataset, metric=metric, limits=given, long_run=long_run, **options)
+    if tally is not None:  # the driver counted the rows as they came: no second pass over the results
         return (round(100 * tally.score / tally.rows, 2) if tally.rows else 0.0), results
-    rows = results.count()
-    return (round(100 * results.sum("score") / rows, 2) if rows else 0.0), results
+    with quiet_ray_data(results, progress=False):
+        rows = results.count()
+        return (round(100 * results.sum("score") / rows, 2) if rows else 0.0), results
 
 
-def summarize_run(results: Dataset, *, seconds: float | None = None) -> RunSummary:
+def summarize_run(results: Dataset, *, seconds: float | None = None, by: Literal["module"] | None = None) -> RunSummary:
     """Rows, errors, tokens, cost (None if a row's cost is unknown) and, for :func:`evaluate`, the score.
 
     ::
@@ -185,17 +213,31 @@ def summarize_run(results: Dataset, *, seconds: float | None = None) -> RunSumma
     ``refused`` counts the errors that were budget refusals (``BudgetExceededError``: rows of
     which nothing was sent, or whose later requests were not).
 
+    ``by="module"``: ``modules`` also holds each DSPy module's share (a :class:`ModuleSummary` per
+    module path, e.g. ``generate_query.predict``): its LM calls, tokens, cost and p50/p95 latency,
+    from the rows' ``usage_by_module``; their costs add up to the run's. Rows of an output written
+    before that column existed (a resumed run's) count under ``(not recorded)``.
+
     One pass over the few columns it needs, batch by batch: fine for a dataset of any size.
     """
     columns = ["error", "prompt_tokens", "completion_tokens", "cost_usd"]
     check_run_results(results, seconds, columns, dataset_type=ray.data.Dataset)
-    scored = "score" in (results.columns() or ())
-    tally = Tally()
-    for batch in results.select_columns([*columns, "score"] if scored else columns).iter_batches(
-        batch_format="pyarrow"
-    ):
-        tally.add(tally_of(batch.to_pylist()))
-    return tally.summary(seconds=seconds, scored=scored)
+    check_summary_by(by)
+    present = results.columns() or ()
+    scored = "score" in present
+    wanted = [*columns, *(["score"] if scored else [])]
+    if by is not None and USAGE_BY_MODULE in present:  # a dataset from an older release has none
+        wanted.append(USAGE_BY_MODULE)
+    tally, modules = Tally(), ModuleTally()
+    selected = results.select_columns(wanted)
+    with quiet_ray_data(selected, progress=False):  # a pass over a few columns: no bars, no INFO lines
+        for batch in selected.iter_batches(batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            tally.add(tally_of(rows))
+            if by is not None:
+                modules.add(rows)
+    summary = tally.summary(seconds=seconds, scored=scored)
+    return replace(summary, modules=modules.summaries()) if by is not None else summary
 
 
 # --- one run, with or without a pool --------------------------------------------------------------
@@ -217,8 +259,10 @@ def _run(
     failure_score: Any = C.RAY_DEFAULT_FAILURE_SCORE,
     pool: Any = None,
     limits: Limits,
+    long_run: LongRunOptions | None = None,
 ) -> tuple[Dataset, Tally | None]:
     """Check every argument (no Ray work before that), then run; a pool run also returns its tally."""
+    options = long_run if long_run is not None else LongRunOptions()
     sizes = {"concurrency": concurrency, "threads_per_actor": threads_per_actor, "num_cpus": num_cpus}
     check_run_arguments(
         program,
@@ -230,19 +274,30 @@ def _run(
         materialize=materialize,
         metric=metric,
         failure_score=failure_score,
-        anyscale=Anyscale,
+        anyscale=(Anyscale, Router),
         pool_type=ProgramPool,
     )
     run_limits = _check_run_limits(limits, lm, pool, concurrency, threads_per_actor)
+    executes_now = bool(materialize) or pool is not None
+    kind = options.check(executes_now=executes_now)
     inputs = _inputs(dataset, input_keys)
+    known = None if inputs.data is None else inputs.data.columns(fetch_if_missing=False)
+    options.check_ids(inputs.rows, known)
     spec = RunSpec(program, tuple(inputs.keys), tuple(output_columns(program, metric)), metric, float(failure_score))
+    # Reads the output (refused if another run's) and the rows' ids (refused if two rows share one).
+    long = options.open(program, inputs.keys, metric, kind, executes_now=executes_now)
+    if long is not None and inputs.rows is not None:
+        inputs = replace(inputs, rows=long.rows_to_run(inputs.rows, inputs.keys))
     # --- Ray work from here on.
+    if long is not None and inputs.data is not None:
+        inputs = replace(inputs, data=long.dataset_to_run(inputs.data))
     if pool is not None:
-        return _run_on_pool(pool, inputs, spec, batch_size, run_limits)
+        return _run_on_pool(pool, inputs, spec, batch_size, run_limits, long)
     # A run's own ledger, else the LM's, moved into a Ray actor: never a fresh one in each worker.
     owned = start_ledger(run_limits)
     spec = replace(spec, limiter=owned or share_lm_ledger(lm))
-    return _run_on_ray_data(inputs, spec, lm, adapter, batch_size, materialize, owned=owned is not None, **sizes), None
+    args = (inputs, spec, lm, adapter, batch_size, materialize)
+    return _run_on_ray_data(*args, owned=owned is not None, long=long, progress=options.progress, **sizes)
 
 
 def _end_ledger(limiter: Limiter | None, *, owned: bool) -> SpendReport | None:
@@ -288,22 +343,32 @@ def _check_run_limits(
 
 
 _RUN_OPTIONS = frozenset({"adapter", "concurrency", "threads_per_actor", "batch_size", "num_cpus", "materialize"})
+_LONG_RUN_OPTIONS = frozenset({"output", "resume", "retry_errors", "progress", "id_column", "filesystem"})
 
 
 def _run_on_pool(
-    pool: ProgramPool, inputs: _Inputs, spec: RunSpec, batch_size: int, limits: Limits | None
+    pool: ProgramPool, inputs: _Inputs, spec: RunSpec, batch_size: int, limits: Limits | None, long: LongRun | None
 ) -> tuple[Dataset, Tally]:
     started = time.perf_counter()
     pool._check_open()  # before starting a ledger for the run
     spec = replace(spec, limiter=start_ledger(limits))
     try:
-        blocks, tally = pool._run(spec, inputs.batches(batch_size))
+        if long is None:
+            blocks, tally = pool._run(spec, inputs.batches(batch_size))
+        else:  # each batch written and counted by the driver as it comes back
+            batches = inputs.batches(batch_size)
+            blocks, tally = long.execute(lambda: pool._run(spec, batches, long.on_block, long.should_stop))
     finally:
         report = stop_ledger(spec.limiter)  # the run's own limits end with it
+    resumed = 0
+    if long is not None:
+        resumed, blocks = len(long.kept), long.with_kept(blocks, tally, spec.output_columns)
     # from_arrow_refs keeps the blocks where the workers stored them: nothing comes through the driver.
     results = ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(to_block([], spec.output_columns))
     summary = tally.summary(seconds=time.perf_counter() - started, scored=spec.metric is not None)
-    _log_summary(summary, report if report is not None else pool._report_if_limited())
+    _log_summary(replace(summary, resumed=resumed), report if report is not None else pool._report_if_limited())
+    if long is not None:
+        long.finish()  # says what was left; after a Ctrl-C, raises KeyboardInterrupt
     return results, tally
 
 
@@ -317,7 +382,7 @@ def _log_summary(summary: RunSummary, report: Any) -> None:
 def _run_on_ray_data(
     inputs: _Inputs,
     spec: RunSpec,
-    lm: Anyscale,
+    lm: Anyscale | Router,
     adapter: dspy.Adapter | None,
     batch_size: int,
     materialize: bool,
@@ -326,8 +391,11 @@ def _run_on_ray_data(
     threads_per_actor: int | None,
     num_cpus: float | None,
     owned: bool = False,
-) -> Dataset:
-    """A Ray Data actor pool built for this run (each actor imports DSPy: seconds).
+    long: LongRun | None = None,
+    progress: bool | str = True,
+) -> tuple[Dataset, Tally | None]:
+    """A Ray Data actor pool built for this run (each actor imports DSPy: seconds); the results, and
+    their tally when the driver counted the rows as they came (a long run).
 
     ``owned``: ``spec.limiter`` is this run's own ledger, else the LM's (moved into Ray for the
     run). Once the run has executed, the run's own ledger is stopped and the LM's comes home. A
@@ -346,14 +414,30 @@ def _run_on_ray_data(
             num_cpus=C.RAY_DEFAULT_NUM_CPUS if num_cpus is None else num_cpus,
         )
         if not materialize:
-            return results
-        results = results.materialize()
+            return results, None
+        with quiet_ray_data(results, progress):
+            results = results.materialize() if long is None else _streamed(results, long, spec)
     except BaseException:
         _end_ledger(spec.limiter, owned=owned)
         raise
     report = _end_ledger(spec.limiter, owned=owned)
-    _log_summary(summarize_run(results, seconds=time.perf_counter() - started), report)
-    return results
+    seconds = time.perf_counter() - started
+    if long is None:
+        _log_summary(summarize_run(results, seconds=seconds), report)
+        return results, None
+    tally = replace(long.ran)  # counted as the blocks came back: no second pass over the results
+    tally.add(tally_of(long.kept))
+    summary = tally.summary(seconds=seconds, scored=spec.metric is not None)
+    _log_summary(replace(summary, resumed=len(long.kept)), report)
+    long.finish()  # says what was left; after a Ctrl-C, raises KeyboardInterrupt
+    return results, tally
+
+
+def _streamed(results: Dataset, long: LongRun, spec: RunSpec) -> Dataset:
+    """Execute the run block by block, each written and counted on the driver as it comes back; the
+    Dataset of its blocks (and of the rows the output had)."""
+    blocks = long.with_kept(long.execute(lambda: stream_blocks(results, long)), None, spec.output_columns)
+    return ray.data.from_arrow_refs(blocks) if blocks else ray.data.from_arrow(to_block([], spec.output_columns))
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,9 @@ class PhoenixServer(_processes.RunningServer):
         """Where an OTLP/HTTP span exporter sends: ``<url>/v1/traces``."""
         return f"{self.url}/v1/traces"
 
-    def spans(self, *, project: str = DEFAULT_PROJECT, trace_id: str | None = None, limit: int = 1000) -> list[dict]:
+    def spans(
+        self, *, project: str = DEFAULT_PROJECT, trace_id: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         """The spans Phoenix stored (``GET /v1/projects/{project}/spans``), newest first.
 
         Each is a dict with ``name``, ``context`` (``trace_id``, ``span_id``), ``parent_id``,
@@ -223,7 +225,7 @@ class PhoenixServer(_processes.RunningServer):
         path = f"/v1/projects/{urllib.parse.quote(project, safe='')}/spans?{urllib.parse.urlencode(query)}"
         return list(_get_json(self.url + path)["data"])
 
-    def wait_for_spans(self, count: int, *, trace_id: str | None = None, timeout: float = 30.0) -> list[dict]:
+    def wait_for_spans(self, count: int, *, trace_id: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
         """:meth:`spans` once at least ``count`` have arrived (Phoenix inserts in batches)."""
         deadline = time.monotonic() + timeout
         while True:

@@ -203,6 +203,10 @@ class TracingObserver(Observer):
         if trace is not None:
             _guarded(trace.attempt_started, call, attempt)
 
+    def attempt_headers(self, call: Call, attempt: AttemptStart) -> dict[str, str] | None:
+        trace = call.state.get(id(self))
+        return _guarded(trace.attempt_headers, call, attempt) if trace is not None else None
+
     def attempt_finished(self, call: Call, attempt: Attempt) -> None:
         trace = call.state.get(id(self))
         if trace is not None:

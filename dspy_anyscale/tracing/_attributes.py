@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .. import _constants as C
 from .._observe import CANCELLED, Attempt, AttemptStart
+from .._server_facts import span_attributes as rate_limit_attributes
 
 # --- names -------------------------------------------------------------------------------------
 
@@ -51,6 +52,10 @@ STATUS = "dspy_anyscale.status"  # the usage record's status: ok, cached, cancel
 ATTEMPTS = "dspy_anyscale.attempts"
 ATTEMPT_NUMBER = "dspy_anyscale.attempt.number"  # AttemptStart.number: retries and n candidates alike
 ATTEMPT_WAITED = "dspy_anyscale.attempt.waited_s"  # seconds since the call's previous attempt ended
+ENDPOINT = "dspy_anyscale.endpoint"  # the service that answered: a Router's member name, else host:port
+MODULE = "dspy_anyscale.module"  # the DSPy module that made the call: its path, e.g. generate_query.predict
+RESPONSE_ID = "gen_ai.response.id"
+CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"  # the server's prompt cache (cached_tokens)
 
 # Metrics, with the bucket boundaries the conventions recommend.
 OPERATION_DURATION = "gen_ai.client.operation.duration"
@@ -165,12 +170,20 @@ def outcome_attributes(attempts: Iterable[Attempt]) -> Attributes:
         return {}
     values: Attributes = {
         RESPONSE_MODEL: next((a.response_model for a in reversed(answered) if a.response_model), None),
+        RESPONSE_ID: next((a.response_id for a in reversed(answered) if a.response_id), None),
+        CACHE_READ_TOKENS: _reported(a.cached_tokens for a in answered),
         FINISH_REASONS: [a.finish_reason for a in answered if a.finish_reason] or None,
         INPUT_TOKENS: _total(a.prompt_tokens for a in answered),
         OUTPUT_TOKENS: _total(a.completion_tokens for a in answered),
         TIME_TO_FIRST_CHUNK: first_chunk_s(answered),
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _reported(counts: Iterable[int | None]) -> int | None:
+    """The sum of the counts the server reported, None when it reported none."""
+    values = [value for value in counts if value is not None]
+    return sum(values) if values else None
 
 
 def first_chunk_s(attempts: Iterable[Attempt]) -> float | None:
@@ -225,6 +238,9 @@ def attempt_end_attributes(attempt: Attempt) -> Attributes:
         STATUS: "ok" if attempt.ok else attempt.error,
         # A consumer that stopped reading is no failure of the attempt.
         ERROR_TYPE: attempt.error if not attempt.ok and attempt.error != CANCELLED else None,
+        RESPONSE_ID: attempt.response_id,
+        CACHE_READ_TOKENS: attempt.cached_tokens,
+        **rate_limit_attributes(attempt.rate_limit),
     }
     return {name: value for name, value in values.items() if value is not None}
 

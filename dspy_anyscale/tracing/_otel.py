@@ -19,10 +19,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from .._config import endpoint_name
 from .._observe import CANCELLED, Attempt, AttemptStart, Call
 from .._version import __version__
 from ..usage import call_status
 from . import _attributes as A
+from ._propagate import carry_context_into_dspy_threads, trace_headers
 
 SCOPE = "dspy_anyscale"  # the instrumentation scope of every span and metric
 
@@ -46,6 +48,7 @@ class Telemetry:
             A.FIRST_CHUNK_BUCKETS,
         )
         self.record_content = bool(record_content)
+        carry_context_into_dspy_threads()  # dspy.Parallel / Evaluate workers join the caller's trace
 
     def start_call(self, call: Call, base_url: str | None, endpoint: str) -> CallTrace:
         return CallTrace(self, call, base_url, endpoint)
@@ -120,11 +123,17 @@ class CallTrace:
 
     def _open(self, call: Call, start: AttemptStart | None, *, inside: bool) -> Span:
         endpoint = start.endpoint if start is not None else self._endpoint
+        url = start.url if start is not None else self._base_url
         attributes = A.merged(
             A.base_attributes(endpoint, call.model),
             {A.SYSTEM: A.PROVIDER_NAME},
-            A.server(start.url if start is not None else self._base_url),
+            A.server(url),
         )
+        service = call.routed_as or (endpoint_name(url) if url else None)
+        if service:  # a Router's member tries are a span each, named by this attribute
+            attributes[A.ENDPOINT] = service
+        if call.module is not None:
+            attributes[A.MODULE] = call.module
         if start is not None:
             attributes[A.REQUEST_STREAM] = start.stream
             attributes.update(A.request_attributes(start.request))
@@ -154,6 +163,12 @@ class CallTrace:
                 attributes=A.attempt_start_attributes(start),
                 start_time=_epoch_ns(start.started),
             )
+
+    def attempt_headers(self, call: Call, start: AttemptStart) -> dict[str, str] | None:
+        """The attempt span's W3C trace context (``traceparent``, ``tracestate``), for the server to join."""
+        with self._lock:
+            span = self._attempts.get(start.number)
+        return trace_headers(span) if span is not None else None
 
     def call_answered(self, call: Call) -> None:
         """A cache hit's span opens here, inside DSPy's LM call, where a miss's opens at its first attempt."""

@@ -142,6 +142,7 @@ def test_a_chat_call_is_a_client_span_with_one_attempt_span(otel, make_traced, s
         "gen_ai.provider.name": "anyscale",
         "gen_ai.system": "anyscale",
         "gen_ai.request.model": MODEL,
+        "dspy_anyscale.endpoint": f"127.0.0.1:{port}",  # the service that answered (a Router's member name)
         "gen_ai.request.stream": False,
         "gen_ai.request.max_tokens": 64,
         "gen_ai.request.temperature": 0.3,
@@ -151,6 +152,7 @@ def test_a_chat_call_is_a_client_span_with_one_attempt_span(otel, make_traced, s
         "gen_ai.response.finish_reasons": ("stop",),
         "gen_ai.usage.input_tokens": lm.usage[0].prompt_tokens,
         "gen_ai.usage.output_tokens": 3,
+        "gen_ai.response.id": lm.usage[0].response_ids[0],  # the answer's own id
         "server.address": "127.0.0.1",
         "server.port": port,
         "dspy_anyscale.attempts": 1,
@@ -165,6 +167,7 @@ def test_a_chat_call_is_a_client_span_with_one_attempt_span(otel, make_traced, s
         "server.port": port,
         "http.response.status_code": 200,
         "http.response.header.x-request-id": ("req-1",),
+        "gen_ai.response.id": lm.usage[0].response_ids[0],
         "dspy_anyscale.attempt.number": 0,
         "dspy_anyscale.status": "ok",
     }
