@@ -352,15 +352,20 @@ def check_job_limits(
             f"place: {hint}"
         )
     for leaf in _leaf_lms(lm):  # a Router's limits are sent by its members: each must give what they need
-        check_limits_fit(
-            named=named,
-            budget=limits.budget_usd is not None,
-            token_rate=limits.tokens_per_minute is not None,
-            model=leaf.model,
-            priced=leaf.engine.prices is not None,
-            max_tokens=leaf.kwargs.get("max_tokens"),
-        )
+        check_lm_fits(limits, leaf, named=named)
     return limits
+
+
+def check_lm_fits(limits: Any, lm: Any, *, named: str) -> None:
+    """``check_limits_fit`` for one ``Anyscale`` LM that will send requests under ``limits``."""
+    check_limits_fit(
+        named=named,
+        budget=limits.budget_usd is not None,
+        token_rate=limits.tokens_per_minute is not None,
+        model=lm.model,
+        priced=lm.engine.prices is not None,
+        max_tokens=lm.kwargs.get("max_tokens"),
+    )
 
 
 def _leaf_lms(lm: Any) -> Iterator[Any]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from .._validate import check_limits_fit
+from .._validate import check_lm_fits
 from ..errors import ConfigurationError
 from ..limits import UNLIMITED, AnyLimiter, Limits
 from ..limits._config import LIMIT_NAMES, limits_from
@@ -37,14 +37,7 @@ def checked_limits(limits: Limits, lms: Mapping[str, Any]) -> Limits:
     for name, member in lms.items():
         for lm in leaves(member):
             try:
-                check_limits_fit(
-                    named=named,
-                    budget=limits.budget_usd is not None,
-                    token_rate=limits.tokens_per_minute is not None,
-                    model=lm.model,
-                    priced=lm.engine.prices is not None,
-                    max_tokens=lm.kwargs.get("max_tokens"),
-                )
+                check_lm_fits(limits, lm, named=named)
             except ConfigurationError as exc:  # the Router's limits, and which member cannot give what they need
                 raise ConfigurationError(f"the Router's {named}, member {name!r}: {exc}") from None
     return limits
