@@ -43,8 +43,8 @@ from dspy_anyscale.errors import (
 
 PACKAGE_DIR = Path(dspy_anyscale.__file__).parent
 NOT_IMPORTED = {"dspy_anyscale.__main__"}  # runs the CLI
-# Modules that need an extra (ray, otel): walked when it is installed.
-OPTIONAL = ("dspy_anyscale.ray", "dspy_anyscale.tracing._otel")
+# Modules that need an extra (ray, otel, parquet): walked when it is installed.
+OPTIONAL = ("dspy_anyscale.ray", "dspy_anyscale.tracing._otel", "dspy_anyscale.runs.parquet")
 IMPORTED: set[str] = set()
 
 
