@@ -32,6 +32,10 @@ PORTKEY_GATEWAY_URL = "https://api.portkey.ai/v1"
 CHAT_PATH = "/chat/completions"
 COMPLETIONS_PATH = "/completions"
 MODELS_PATH = "/models"
+# llama.cpp's llama-server: what it says it is in GET /models, and where it lists its LoRA adapters
+# (beside /v1, not under it).
+LLAMA_CPP_OWNER = "llamacpp"
+LLAMA_CPP_ADAPTERS_PATH = "/lora-adapters"
 
 # --- HTTP --------------------------------------------------------------------------------------
 # Timeouts are always on. A number sets both phases (requests' convention); a pair is
@@ -267,3 +271,35 @@ ROUTER_PROBE_STOP_WAIT_S = 2.0
 ROUTER_DEFAULT_WEIGHT = 1.0
 # How much of each member's error the final error's note quotes (the note names every member tried).
 ROUTER_NOTE_CHARS = 300
+
+# --- Fine-tuning on this machine (dspy_anyscale.finetune.LocalLoRAProvider) -------------------------
+# LoRA on the stand-in's SmolLM2-135M: 20 steps of r=8 on q_proj/v_proj teach it a style (a sign-off,
+# a format) in ~10-60 s on 2 CPU cores; more steps or a higher rank for real tasks (train_kwargs).
+FINETUNE_DEFAULTS: Final = {
+    "steps": 20,
+    "rank": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "learning_rate": 1e-3,
+    "seed": 0,
+    "max_length": 1024,  # tokens per conversation; longer ones keep their end (the answer)
+    "batch_size": 2,
+    "target_modules": ("q_proj", "v_proj"),
+    "threads": 2,  # torch's CPU threads in the training process
+}
+# The pinned training environment (LocalLoRAProvider's default interpreter in tests and CI: a venv
+# under <cache>/finetune/venv). torch: only this CPU build is on the machine's wheel cache; any other
+# spec pulls a multi-GB CUDA build from PyPI.
+FINETUNE_ENV_PACKAGES = (
+    "torch==2.13.0",
+    "transformers==4.57.6",
+    "peft==0.21.0",
+    "gguf==0.19.0",
+    "safetensors==0.8.0",
+)
+# Seconds: starting the provider's llama-server with its adapters (it takes < 1 s here), and how long
+# cancel() and close() wait after SIGTERM before SIGKILL.
+FINETUNE_SERVER_READY_S = 60.0
+FINETUNE_STOP_WAIT_S = 5.0
+# The lines of a failed step's log quoted in its FinetuneError (the whole log stays on disk).
+FINETUNE_LOG_TAIL_LINES = 20

@@ -4,7 +4,8 @@ DSPy 3.4 keys a call on the model string, the messages and the generation parame
 the endpoint out (stanfordnlp/dspy#10006): two instances serving the same model name from two
 deployments would share answers. So every call carries a short digest of what else decides the
 answer: the base URL, the endpoint (chat or completions), ``system_prompt``, ``prompt_template``,
-``response_format_style``, the provider body parameters and the routing headers. It travels in
+``response_format_style``, the provider body parameters, the routing headers and the LoRA adapter
+the instance is bound to. It travels in
 the call where DSPy's cache key sees it (``metadata`` of a program call, ``config.extensions`` of
 a Request) and the engine takes it off before the wire, so the server sees nothing new.
 
@@ -58,6 +59,8 @@ def cache_identity(base_url: str, options: WireOptions, headers: Mapping[str, st
         "extra_body": dict(options.extra_body),
         "headers": routing_headers(headers),
     }
+    if options.adapter is not None:  # only when set: the digests of LMs without one stay as they were
+        material["adapter"] = options.adapter
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 

@@ -73,6 +73,27 @@ def check_text(name: str, value: Any) -> str | None:
     return value
 
 
+def check_lora_adapter(value: Any) -> str | None:
+    """A LoRA adapter's name (what the server lists it as), or None for the base model."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        fail("adapter", "the adapter's name as the server lists it (a non-empty string) or None", value)
+    return value
+
+
+def check_provider(value: Any) -> Any:
+    """A DSPy ``Provider`` instance (``dspy.clients.Provider``), or None."""
+    if value is None:
+        return None
+    if isinstance(value, type) or not callable(getattr(value, "finetune", None)):
+        raise ConfigurationError(
+            f"provider must be a DSPy Provider instance (e.g. dspy_anyscale.finetune.LocalLoRAProvider()); "
+            f"got {value!r}"
+        )
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> Any:
     if value not in choices:
         raise ConfigurationError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

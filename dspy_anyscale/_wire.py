@@ -83,6 +83,9 @@ class WireOptions:
     response_format_style: ConfiguredStyle = "auto"
     supports_tools: bool = True
     supports_response_schema: bool = True
+    # The LoRA adapter this instance is bound to: a label for the cache identity, usage and spans,
+    # never sent by itself (a server selects adapters by the model name or a body key, set apart).
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         # A private copy: the caller's dict may change later. (Not a MappingProxyType: options pickle.)

@@ -29,7 +29,9 @@ from ._validate import (
     check_generation_defaults,
     check_headers,
     check_limits_fit,
+    check_lora_adapter,
     check_model,
+    check_provider,
     check_seconds,
     check_template,
     check_text,
@@ -67,6 +69,7 @@ _REBUILD_KEYS = frozenset(
         "max_retry_wait",
         "tracing",
         "limits",
+        "adapter",
         *LIMIT_OPTIONS,
     }
 )
@@ -173,6 +176,14 @@ class Anyscale(HFModel):
         tracing: OpenTelemetry GenAI spans and metrics for this instance's calls (the ``otel`` extra):
             ``True`` always, ``False`` never, ``None`` (default) while ``dspy_anyscale.tracing.instrument()``
             is on.
+        adapter: the LoRA adapter this LM is bound to, by the name the server lists it under (``None``:
+            the base model). Part of the cache identity, usage records, history and spans, and kept when
+            saved; it sends nothing by itself: the server picks the adapter from the model name (Ray
+            Serve LLM: ``model="<base>:<adapter>"``) or a body key (llama-server: ``lora=[...]``), which
+            the fine-tuning providers set (``dspy_anyscale.finetune``).
+        provider: a DSPy ``Provider`` for ``lm.finetune(...)`` and ``dspy.BootstrapFinetune``
+            (``dspy_anyscale.finetune.LocalLoRAProvider()``, ``AnyscaleJobsProvider(...)``); the
+            fine-tuned result is an ``Anyscale`` bound to the new adapter.
         temperature, max_tokens, cache, callbacks: as for ``dspy.LM``.
         **kwargs: default generation parameters. The OpenAI ones (top_p, stop, seed, n, ...) are
             DSPy's; any other (``repetition_penalty``, ``min_p``, ...) is sent in every request body.
@@ -204,6 +215,8 @@ class Anyscale(HFModel):
         max_requests: int | None = None,
         limits: Limits | None = None,
         tracing: bool | None = None,
+        adapter: str | None = None,
+        provider: Any = None,
         temperature: float | None = C.DEFAULT_TEMPERATURE,
         max_tokens: int | None = C.DEFAULT_MAX_TOKENS,
         cache: bool = True,
@@ -226,6 +239,7 @@ class Anyscale(HFModel):
             response_format_style=check_choice("response_format_style", response_format_style, _STYLES),
             supports_tools=check_flag("supports_tools", supports_tools),
             supports_response_schema=check_flag("supports_response_schema", supports_response_schema),
+            adapter=check_lora_adapter(adapter),
         )
         limit_keywords = {
             "max_concurrency": max_concurrency,
@@ -268,6 +282,7 @@ class Anyscale(HFModel):
             cache=cache,
             callbacks=callbacks,
             num_retries=num_retries,
+            provider=check_provider(provider),
             **carried,
         )
 
@@ -277,8 +292,12 @@ class Anyscale(HFModel):
     ) -> tuple[AnyscaleEngine, AsyncAnyscaleEngine, UsageRecorder]:
         """The engine pair for the endpoint the settings resolve to, and the usage recorder observing it."""
         endpoint = resolve_endpoint(settings.api_base, api_key)
+        adapter = settings.options.adapter
         recorder = UsageRecorder(
-            prices=settings.prices, log_path=settings.usage_log, endpoint=endpoint_name(endpoint.base_url)
+            prices=settings.prices,
+            log_path=settings.usage_log,
+            endpoint=endpoint_name(endpoint.base_url),
+            adapter=adapter,
         )
         engine, async_engine = make_engines(
             endpoint,
@@ -288,7 +307,9 @@ class Anyscale(HFModel):
             pool_size=settings.pool_size,
             observers=(
                 recorder,
-                tracing_observer(settings.tracing, base_url=endpoint.base_url, endpoint=settings.options.endpoint),
+                tracing_observer(
+                    settings.tracing, base_url=endpoint.base_url, endpoint=settings.options.endpoint, adapter=adapter
+                ),
             ),
             max_retry_wait=settings.max_retry_wait,
             limiter=limiter,
@@ -327,6 +348,11 @@ class Anyscale(HFModel):
         return self._settings.options.prompt_template
 
     @property
+    def adapter(self) -> str | None:
+        """The LoRA adapter this LM is bound to (None: the base model)."""
+        return self._settings.options.adapter
+
+    @property
     def usage(self) -> list[UsageRecord]:
         """The usage records of the latest calls (this LM and the copies sharing its connection)."""
         return list(self._recorder.records)
@@ -342,13 +368,17 @@ class Anyscale(HFModel):
         settings = getattr(self, "_settings", None)
         if settings is None or "_engine_spec" not in vars(self):
             return f"<Anyscale model={model!r} (not fully constructed)>"
-        return f"Anyscale(model={model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api})"
+        adapter = f", adapter={self.adapter!r}" if self.adapter is not None else ""
+        return f"Anyscale(model={model!r}, api_base={self.api_base!r}, use_chat_api={self.use_chat_api}{adapter})"
 
     def _cache_identity(self) -> str:
         return self.engine.cache_identity
 
     def _endpoint_name(self) -> str | None:
         return self._recorder.endpoint  # its host:port, named once when the connection was made
+
+    def _adapter_name(self) -> str | None:
+        return self.adapter
 
     def _observers(self) -> tuple[Observer, ...]:
         return self.engine.observers
@@ -405,6 +435,35 @@ class Anyscale(HFModel):
         del api_key  # out of this frame's locals
         return list_models(resolve_endpoint(api_base, key), resolve_timeout(timeout), check_headers(headers))
 
+    @classmethod
+    def from_service(cls, name: str, *, model: str, version: str | None = None, **kwargs: Any) -> Anyscale:
+        """An LM for the Anyscale Service ``name`` (extra ``[anyscale]``): its ``query_url`` and bearer
+        token come from the Anyscale SDK (``anyscale.service.status``), a rotated token is fetched again
+        on a 401, and ``version="primary"`` / ``"canary"`` pins one version. ``kwargs`` as for ``Anyscale``."""
+        from ._services import from_service
+
+        lm: Anyscale = from_service(cls, name, model=model, version=version, **kwargs)
+        return lm
+
+    # --- fine-tuning -------------------------------------------------------------------------------
+
+    def finetune(
+        self,
+        train_data: list[dict[str, Any]],
+        train_data_format: Any,
+        train_kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Start fine-tuning with this LM's ``provider`` (DSPy's ``lm.finetune``): a ``TrainingJob``
+        (a future) whose result is the fine-tuned ``Anyscale``, bound to the new adapter, or the exception.
+
+        As ``dspy.LM.finetune``, with one difference: a provider of ``dspy_anyscale.finetune`` turns what
+        it trained into an LM that answers through it (``provider.bind``), where DSPy would only rename
+        the model. Another DSPy provider gets DSPy's ``lm.copy(model=<what finetune returned>)``.
+        """
+        from ._finetuning import start_finetune
+
+        return start_finetune(self, train_data, train_data_format, train_kwargs)
+
     # --- direct calls ------------------------------------------------------------------------------
 
     def _generate(self, prompt: str, use_chat_api: bool | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -455,6 +514,8 @@ class Anyscale(HFModel):
             args["tracing"] = settings.tracing
         if settings.usage_log is not None:
             args["usage_log"] = settings.usage_log
+        if options.adapter is not None:
+            args["adapter"] = options.adapter
         return args
 
     def dump_state(self) -> dict[str, Any]:
@@ -489,6 +550,7 @@ class Anyscale(HFModel):
             return super().copy(**kwargs)
         args = {**self._init_args(self._settings, keep_limits="limits" not in rebuild), **rebuild}
         args.setdefault("api_key", self.engine.transport.endpoint.api_key)  # a Secret (empty: no key)
+        args.setdefault("provider", getattr(self, "provider", None))  # the live provider, never saved
         new = type(self)(**args)
         new.callbacks = list(self.callbacks)
         if not set(rebuild) & _LIMIT_SETTINGS:
@@ -511,11 +573,15 @@ class Anyscale(HFModel):
         # The engines hold the key: they are rebuilt from the environment on unpickling (with a new recorder).
         for name in ("_engine_spec", "_async_engine_spec", "_recorder", "_default_plan"):
             state.pop(name, None)
+        # A provider holds live jobs and servers: it stays with the process that fine-tunes.
+        state.pop("provider", None)
         state["_settings"] = self._settings.portable()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if "provider" not in vars(self):
+            self.provider = self.infer_provider()
         self._settings = self._settings.restored()
         # The limiter came through the pickle: a shared (Ray) ledger's handle, or a detached local one
         # that refuses to send until attached; never a fresh budget of its own.

@@ -27,6 +27,11 @@ loop go on reading those), named in brackets below. The tree is checked against 
     │                                    it stands for, LMRateLimitError / LMServerError (see the table below)
     ├── PoolError                        a dspy_anyscale.ray.ProgramPool cannot run: closed, its workers did
     │                                    not start, or all died [RuntimeError]
+    ├── FinetuneError                    dspy_anyscale.finetune: a fine-tuning job failed (training crashed,
+    │                                    the adapter could not be converted or served, the job was cancelled
+    │                                    or ended FAILED); names the stage and the log to read [RuntimeError]
+    ├── ServiceError                     an Anyscale Service could not be resolved by name (unknown, not
+    │                                    running, no such version, the SDK refused) [RuntimeError]
     ├── LocalServerError                 dspy_anyscale.servers.llama_server: installing, starting or stopping
     │                                    llama.cpp's llama-server failed [RuntimeError]
     ├── LlamaCppPythonError              dspy_anyscale.servers.llama_cpp_python: the same for
@@ -117,6 +122,7 @@ __all__ = [
     "BudgetExceededError",
     "ConfigurationError",
     "ContextWindowExceededError",
+    "FinetuneError",
     "InvalidParameterError",
     "LMAuthError",
     "LMBillingError",
@@ -136,6 +142,7 @@ __all__ = [
     "LimiterTimeoutError",
     "MissingConfigurationError",
     "PoolError",
+    "ServiceError",
     "UnexpectedResponseError",
     "UnsupportedParameterError",
 ]
@@ -202,6 +209,19 @@ class UnsupportedParameterError(ConfigurationError, LMUnsupportedFeatureError):
 
 class PoolError(AnyscaleError, RuntimeError):
     """A :class:`dspy_anyscale.ray.ProgramPool` cannot run: it is closed, its workers did not start, or all died."""
+
+
+class FinetuneError(AnyscaleError, RuntimeError):
+    """A fine-tuning job of :mod:`dspy_anyscale.finetune` failed; ``stage`` names where
+    (``"data"``, ``"train"``, ``"convert"``, ``"serve"``, ``"submit"``, ``"job"``, ``"cancelled"``)."""
+
+    def __init__(self, message: str, *, stage: str = "job") -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class ServiceError(AnyscaleError, RuntimeError):
+    """An Anyscale Service could not be resolved by name (``Anyscale.from_service``)."""
 
 
 class UnexpectedResponseError(ProviderError, AnyscaleError):

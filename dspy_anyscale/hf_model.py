@@ -233,6 +233,10 @@ class HFModel(DSPyLM):
         """The service this LM calls, as history entries name it (``host:port``), or None. Subclasses say."""
         return None
 
+    def _adapter_name(self) -> str | None:
+        """The LoRA adapter this LM is bound to, as history entries name it, or None. Subclasses say."""
+        return None
+
     def _keyed(self, prompt: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """A program call with the cache identity where DSPy's cache key sees it: a Request's extensions,
         or the ``metadata`` kwarg of a messages call (the engine takes it off before the wire)."""
@@ -351,9 +355,11 @@ class HFModel(DSPyLM):
         """DSPy's history, with ``cost`` and ``cost_details`` from the price table (DSPy prices no custom engine),
         a program call's ``metadata`` as the caller gave it (without the cache identity), and ``endpoint``: which
         service answered (a Router's member name, else this LM's ``host:port``); ``module``: the DSPy module that
-        made the call (None: a direct call); ``response_ids`` and ``rate_limit``: what the server said."""
+        made the call (None: a direct call); ``response_ids`` and ``rate_limit``: what the server said;
+        ``adapter``: the LoRA adapter the LM is bound to (None: the base model)."""
         route = current_route()
         entry["endpoint"] = route.endpoint if route is not None else self._endpoint_name()
+        entry["adapter"] = self._adapter_name()
         entry.update(history_facts(entry.get("response"), current_call(), calling_module()))
         kwargs = entry.get("kwargs")
         if isinstance(kwargs, dict) and "metadata" in kwargs:

@@ -53,7 +53,8 @@ class UsageRecord:
     module that made the call, as its path in the outermost module (``generate_query.predict``; None
     for a direct call). ``cached_tokens``: of the prompt tokens, those the server answered from its
     prompt cache (priced at ``prices["cached_input"]`` when given); ``response_ids`` the answers' own
-    ids; ``rate_limit`` the last answer's ``x-ratelimit-*`` headers (names without the prefix)."""
+    ids; ``rate_limit`` the last answer's ``x-ratelimit-*`` headers (names without the prefix);
+    ``adapter`` the LoRA adapter the LM is bound to (None: the base model)."""
 
     timestamp: str
     model: str
@@ -73,6 +74,7 @@ class UsageRecord:
     cached_tokens: int | None = None
     response_ids: tuple[str, ...] = ()
     rate_limit: Mapping[str, str] | None = None
+    adapter: str | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -142,9 +144,11 @@ class UsageRecorder(Observer):
         prices: Prices | None = None,
         log_path: str | os.PathLike[str] | None = None,
         endpoint: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.costs = CostTable(prices)
         self.endpoint = endpoint  # the LM's service, for calls no Router names a member for
+        self.adapter = adapter  # the LoRA adapter the LM is bound to
         self.log_path = Path(log_path) if log_path else None
         self.records: deque[UsageRecord] = deque(maxlen=C.USAGE_RECORDS_KEPT)
         self._lock = threading.Lock()
@@ -161,7 +165,14 @@ class UsageRecorder(Observer):
     def call_finished(self, call: Call, error: BaseException | None) -> None:
         endpoint = call.routed_as or self.endpoint
         record = build_record(
-            call.model, call.attempts, call.started, error, self.costs.cost, endpoint=endpoint, module=call.module
+            call.model,
+            call.attempts,
+            call.started,
+            error,
+            self.costs.cost,
+            endpoint=endpoint,
+            module=call.module,
+            adapter=self.adapter,
         )
         self.add(record)
 
@@ -198,6 +209,7 @@ def build_record(
     *,
     endpoint: str | None = None,
     module: str | None = None,
+    adapter: str | None = None,
 ) -> UsageRecord:
     attempts = list(attempts)
     succeeded = [a for a in attempts if a.ok]
@@ -228,6 +240,7 @@ def build_record(
         cached_tokens=cached,
         response_ids=tuple(a.response_id for a in succeeded if a.response_id),
         rate_limit=rate_limits[-1] if rate_limits else None,
+        adapter=adapter,
     )
 
 

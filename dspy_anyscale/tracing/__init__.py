@@ -152,7 +152,11 @@ def _mode(value: Any) -> bool | None:
 
 
 def tracing_observer(
-    tracing: bool | None = None, *, base_url: str | None = None, endpoint: str = "completions"
+    tracing: bool | None = None,
+    *,
+    base_url: str | None = None,
+    endpoint: str = "completions",
+    adapter: str | None = None,
 ) -> TracingObserver:
     """The observer an ``Anyscale`` puts next to its usage recorder, for ``Anyscale(..., tracing=...)``.
 
@@ -165,7 +169,7 @@ def tracing_observer(
     >>> observer.mode is None
     True
     """
-    return TracingObserver(_mode(tracing), base_url=base_url, endpoint=endpoint)
+    return TracingObserver(_mode(tracing), base_url=base_url, endpoint=endpoint, adapter=adapter)
 
 
 class TracingObserver(Observer):
@@ -176,10 +180,18 @@ class TracingObserver(Observer):
     hook is exception-safe: tracing never fails a call.
     """
 
-    def __init__(self, mode: bool | None = None, *, base_url: str | None = None, endpoint: str = "completions") -> None:
+    def __init__(
+        self,
+        mode: bool | None = None,
+        *,
+        base_url: str | None = None,
+        endpoint: str = "completions",
+        adapter: str | None = None,
+    ) -> None:
         self.mode = mode
         self.base_url = base_url
         self.endpoint = endpoint
+        self.adapter = adapter  # the LoRA adapter of the LM this observes: on its call spans
 
     def __repr__(self) -> str:
         return f"TracingObserver(mode={self.mode!r})"
@@ -194,7 +206,7 @@ class TracingObserver(Observer):
             telemetry = _guarded(_default_telemetry)
             if telemetry is None:
                 return
-        trace = _guarded(telemetry.start_call, call, self.base_url, self.endpoint)
+        trace = _guarded(telemetry.start_call, call, self.base_url, self.endpoint, self.adapter)
         if trace is not None:
             call.state[id(self)] = trace
 

@@ -54,6 +54,7 @@ ATTEMPT_NUMBER = "dspy_anyscale.attempt.number"  # AttemptStart.number: retries 
 ATTEMPT_WAITED = "dspy_anyscale.attempt.waited_s"  # seconds since the call's previous attempt ended
 ENDPOINT = "dspy_anyscale.endpoint"  # the service that answered: a Router's member name, else host:port
 MODULE = "dspy_anyscale.module"  # the DSPy module that made the call: its path, e.g. generate_query.predict
+ADAPTER = "dspy_anyscale.adapter"  # the LoRA adapter the LM is bound to (absent: the base model)
 RESPONSE_ID = "gen_ai.response.id"
 CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"  # the server's prompt cache (cached_tokens)
 

@@ -50,8 +50,8 @@ class Telemetry:
         self.record_content = bool(record_content)
         carry_context_into_dspy_threads()  # dspy.Parallel / Evaluate workers join the caller's trace
 
-    def start_call(self, call: Call, base_url: str | None, endpoint: str) -> CallTrace:
-        return CallTrace(self, call, base_url, endpoint)
+    def start_call(self, call: Call, base_url: str | None, endpoint: str, adapter: str | None = None) -> CallTrace:
+        return CallTrace(self, call, base_url, endpoint, adapter)
 
 
 def _histogram(meter: Any, name: str, unit: str, description: str, buckets: tuple[float, ...]) -> Any:
@@ -73,6 +73,7 @@ class CallTrace:
     hit), or at the end (a refusal before any attempt)."""
 
     __slots__ = (
+        "_adapter",
         "_attempts",
         "_base_url",
         "_endpoint",
@@ -84,8 +85,11 @@ class CallTrace:
         "_tel",
     )
 
-    def __init__(self, telemetry: Telemetry, call: Call, base_url: str | None, endpoint: str) -> None:
+    def __init__(
+        self, telemetry: Telemetry, call: Call, base_url: str | None, endpoint: str, adapter: str | None = None
+    ) -> None:
         self._tel = telemetry
+        self._adapter = adapter
         self._parent = otel_context.get_current()  # whatever span is current when the call starts
         self._start_ns = _epoch_ns(call.started)
         self._base_url = base_url
@@ -134,6 +138,8 @@ class CallTrace:
             attributes[A.ENDPOINT] = service
         if call.module is not None:
             attributes[A.MODULE] = call.module
+        if self._adapter is not None:
+            attributes[A.ADAPTER] = self._adapter
         if start is not None:
             attributes[A.REQUEST_STREAM] = start.stream
             attributes.update(A.request_attributes(start.request))
