@@ -283,7 +283,7 @@ FINETUNE_DEFAULTS: Final = {
     "learning_rate": 1e-3,
     "seed": 0,
     "max_length": 1024,  # tokens per conversation; longer ones keep their end (the answer)
-    "batch_size": 2,
+    "batch_size": 1,
     "target_modules": ("q_proj", "v_proj"),
     "threads": 2,  # torch's CPU threads in the training process
 }
@@ -297,9 +297,63 @@ FINETUNE_ENV_PACKAGES = (
     "gguf==0.19.0",
     "safetensors==0.8.0",
 )
+# Seconds: how long an install waits for another process installing the same environment, and for
+# `python -V` of the new one.
+FINETUNE_ENV_LOCK_TIMEOUT_S = 1800.0
+FINETUNE_ENV_CHECK_TIMEOUT_S = 300.0
 # Seconds: starting the provider's llama-server with its adapters (it takes < 1 s here), and how long
 # cancel() and close() wait after SIGTERM before SIGKILL.
 FINETUNE_SERVER_READY_S = 60.0
 FINETUNE_STOP_WAIT_S = 5.0
 # The lines of a failed step's log quoted in its FinetuneError (the whole log stays on disk).
 FINETUNE_LOG_TAIL_LINES = 20
+
+# === Anyscale Services and Jobs (extra [anyscale]: the anyscale SDK) ================================
+# Ray Serve LLM's OpenAI-compatible routes are under the service's query_url.
+SERVICE_API_PATH = "/v1"
+# Anyscale's documented header that sends a request to one version of a service during a rollout
+# ("primary", "canary", or a version's name); without it the load balancer splits by the weights.
+# Not in the SDK: docs.anyscale.com, "Query a specific version during a rollout".
+SERVICE_VERSION_HEADER = "X-ANYSCALE-VERSION"
+SERVICE_VERSIONS = ("primary", "canary")
+# Service states (the SDK's ServiceState) in which the service answers queries.
+SERVICE_SERVING_STATES = frozenset({"RUNNING", "UPDATING", "ROLLING_OUT", "ROLLING_BACK", "UNHEALTHY"})
+
+# AnyscaleJobsProvider: a LLaMA-Factory LoRA SFT job. Keys are LLaMA-Factory's own train arguments
+# (train_kwargs= overrides any of them); the values are its documented LoRA SFT example's.
+ANYSCALE_LORA_DEFAULTS: Final = {
+    "lora_rank": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "lora_target": "all",
+    "num_train_epochs": 3.0,
+    "learning_rate": 1.0e-4,
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 8,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+    "cutoff_len": 2048,
+    "bf16": True,
+    "logging_steps": 10,
+    "seed": 0,
+}
+# LLaMA-Factory's chat template for a base model, by a word of its name (template= overrides).
+ANYSCALE_LORA_TEMPLATES: Final = (
+    ("llama-3", "llama3"),
+    ("llama3", "llama3"),
+    ("qwen3", "qwen3"),
+    ("qwen", "qwen"),
+    ("mistral", "mistral"),
+    ("mixtral", "mistral"),
+    ("gemma", "gemma"),
+    ("phi-3", "phi"),
+    ("smollm", "default"),
+)
+# What the job installs on top of its image (requirements= overrides): LLaMA-Factory's CLI.
+ANYSCALE_JOB_REQUIREMENTS: Final = ("llamafactory",)
+# Seconds between status polls of a running job, and the longest a job is followed before the
+# provider gives up on it (the job itself keeps running: cancel() terminates it).
+ANYSCALE_JOB_POLL_S = 10.0
+ANYSCALE_JOB_TIMEOUT_S = 24 * 3600.0
+# Lines of a failed job's log quoted in its FinetuneError.
+ANYSCALE_JOB_LOG_TAIL_LINES = 40

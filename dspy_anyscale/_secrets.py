@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -110,6 +111,45 @@ class Secret:
         raise TypeError("a Secret is never pickled; the key is read again from the environment")
 
 
+class RotatingSecret(Secret):
+    """A key its issuer may rotate (an Anyscale Service's bearer token): fetched again when the
+    server stops accepting it. ``fetch`` returns the current value; it is asked only by
+    :meth:`refresh`, at most once per rotation however many requests were refused at once.
+
+    Still a :class:`Secret`: never shown, never pickled. Copies of an LM share the object, so one
+    re-fetch serves all of them; ``generation`` counts the values seen, so a transport can tell
+    whether the key changed since the request it sent.
+    """
+
+    __slots__ = ("_fetch", "_lock", "generation")
+
+    def __init__(self, value: str, fetch: Callable[[], str]) -> None:
+        super().__init__(value)
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def refresh(self, sent_generation: int) -> bool:
+        """After a 401 of a request sent with the value of ``sent_generation``: fetch the current value
+        unless a newer one is already here. True when the key now differs from the one that was refused."""
+        with self._lock:
+            if self.generation == sent_generation:
+                try:
+                    value = self._fetch()
+                except Exception as error:  # the 401 is the error the caller sees; say why no new key came
+                    logger.warning("could not fetch a rotated key: %s", type(error).__name__)
+                    return False
+                if value and value != self._value:
+                    self._value = value
+                    self.generation += 1
+            return self.generation != sent_generation
+
+
+def key_generation(key: Secret) -> int:
+    """Which value of a rotating key this is (0 for a key that never rotates)."""
+    return key.generation if isinstance(key, RotatingSecret) else 0
+
+
 def redact(text: str, secret: str | Secret | Secrets | None) -> str:
     """``text`` with the key (or, given :class:`Secrets`, every secret value the LM sends) replaced by ``***``.
 
@@ -150,6 +190,12 @@ class Secrets:
         key = api_key.reveal() if isinstance(api_key, Secret) else api_key
         values = [value for name, text in (headers or {}).items() for value in secret_header_values(name, text)]
         return cls(key, *values)
+
+    def plus(self, key: Secret) -> Secrets:
+        """These secrets and ``key`` (a rotated key: the old value stays redacted too)."""
+        merged = Secrets()
+        merged._values = tuple(sorted({*self._values, *Secrets.sent_with(key)._values}, key=len, reverse=True))
+        return merged
 
     def redact(self, text: str) -> str:
         for value in self._values:

@@ -393,3 +393,26 @@ class Router(dspy.BaseLM):  # type: ignore[misc]  # DSPy ships no types: BaseLM 
         every member built; a target's own settings win."""
         router: Router = build_group(parse_config(config), member_kw, cls)
         return router
+
+    @classmethod
+    def from_service(
+        cls,
+        name: str,
+        *,
+        model: str,
+        cloud: str | None = None,
+        project: str | None = None,
+        router_kwargs: Mapping[str, Any] | None = None,
+        **member_kw: Any,
+    ) -> Router:
+        """A ``"weighted"`` Router over an Anyscale Service's versions (extra ``[anyscale]``): members
+        ``"primary"`` and, during a rollout, ``"canary"``, each an ``Anyscale.from_service(name,
+        version=...)`` pinned to its version, weighted by the service's own traffic split (the SDK's
+        ``anyscale.service.status``). ``member_kw`` goes to every member; ``router_kwargs`` to the Router
+        (``routing_key=``, limits, ...). The weights are read once: build it again after a rollout moves."""
+        from ._services import router_from_service
+        from .anyscale import Anyscale
+
+        return router_from_service(
+            cls, Anyscale, name, model=model, cloud=cloud, project=project, router_kwargs=router_kwargs, **member_kw
+        )

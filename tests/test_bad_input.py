@@ -300,7 +300,10 @@ PORTKEY = [
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "match"), PORTKEY, ids=[repr(k) for k, _ in PORTKEY])
+# ids without memory addresses: pytest-xdist's workers must collect the same names
+@pytest.mark.parametrize(
+    ("kwargs", "match"), PORTKEY, ids=[re.sub(r" at 0x[0-9a-f]+", "", repr(k)) for k, _ in PORTKEY]
+)
 def test_portkey_headers_refuses_wrong_arguments(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
         portkey_headers(**kwargs)

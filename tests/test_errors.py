@@ -196,7 +196,9 @@ def _examples() -> dict[type[BaseException], BaseException]:
             lm15.RateLimitError("slow down", provider="anyscale", status=429, retry_after=99999.0), limit=60.0
         ),
     }
-    for cls in PACKAGE_EXCEPTIONS - set(made):  # the stand-in servers' errors take a message
+    # The stand-in servers' errors take a message. In a fixed order: pytest-xdist's workers must
+    # collect the same tests in the same order.
+    for cls in sorted(PACKAGE_EXCEPTIONS - set(made), key=lambda cls: f"{cls.__module__}.{cls.__qualname__}"):
         made[cls] = cls("could not start: see its log")
     return made
 

@@ -7,6 +7,7 @@ imported on the first async request, not with the package.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,7 @@ import orjson
 
 from .. import _constants as C
 from .._config import Endpoint, Timeout
-from .._secrets import Secrets
+from .._secrets import RotatingSecret, Secrets, key_generation
 from . import fork
 from .common import (
     JsonReply,
@@ -64,6 +65,12 @@ class _SessionFactory:
         # session.request keywords (headers, proxy), built with the first session: they need aiohttp.
         self.request_arguments: dict[str, Any] = {}
 
+    def use_headers(self, headers: dict[str, str]) -> None:
+        """New headers for every later request of every loop's session (a rotated key)."""
+        self._headers = headers
+        if self.request_arguments:
+            self.request_arguments = {**self.request_arguments, "headers": _aiohttp().CIMultiDict(headers)}
+
     def __call__(self) -> aiohttp.ClientSession:
         stack = _aiohttp()
         if not self.request_arguments:
@@ -98,6 +105,8 @@ class AsyncTransport:
         # Every secret value sent (the key, secret header values): redacted from every error's text.
         self.secrets = Secrets.sent_with(endpoint.api_key, headers)
         self._translator = Translator(timeout, self.secrets)
+        self._extra_headers = dict(headers or {})
+        self._key_generation = key_generation(endpoint.api_key)  # which value of a rotating key is sent
         self._factory = _SessionFactory(endpoint, timeout, build_headers(endpoint.api_key, headers), pool_size)
         self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(self._factory, _close_session, _abandon_session)
         # A transport nobody closes: running loops close its sessions when they end, stopped ones let go.
@@ -133,6 +142,30 @@ class AsyncTransport:
                 raise self._failure(exc, method, url) from exc
         raise AssertionError("unreachable")
 
+    def _current_key(self) -> int:
+        """The key generation the next request sends: the headers are rebuilt first when a rotating
+        key moved on since they were built (another copy of the LM fetched the new value)."""
+        key = self.endpoint.api_key
+        generation = key_generation(key)
+        if generation != self._key_generation:
+            self._factory.use_headers(build_headers(key, self._extra_headers))
+            self.secrets = self.secrets.plus(key)  # the old value stays redacted too
+            self._translator = Translator(self.timeout, self.secrets)
+            self._key_generation = generation
+        return generation
+
+    async def _rotated(self, status: int, sent_generation: int) -> bool:
+        """A 401 with a rotating key (an Anyscale Service's token): fetch the new key once and use it;
+        True when the request should be sent again with it (once: a second 401 is the error). The
+        fetch (the Anyscale SDK, synchronous) runs in a worker thread, never on the loop."""
+        key = self.endpoint.api_key
+        if status != 401 or not isinstance(key, RotatingSecret):
+            return False
+        if not await asyncio.to_thread(key.refresh, sent_generation):
+            return False
+        self._current_key()
+        return True
+
     def _failure(self, exc: BaseException, method: str, url: str) -> Exception:
         return self._translator.failure(_aiohttp().classify(exc), method, url, exc)
 
@@ -152,8 +185,12 @@ class AsyncTransport:
     ) -> JsonReply:
         url = self.endpoint.url(path)
         body = orjson.dumps(payload) if payload is not None else None
+        generation = self._current_key()
         started = time.perf_counter()
         response = await self._send(method, url, body, headers)
+        if await self._rotated(response.status, generation):  # once: a second 401 is the error
+            response.release()
+            response = await self._send(method, url, body, headers)
         try:
             status = response.status
             log_exchange(method, url, status, started)
@@ -172,8 +209,13 @@ class AsyncTransport:
     ) -> AsyncIterator[StreamReply]:
         """Open a streamed POST; yields a :class:`StreamReply` whose chunks arrive as they are sent."""
         url = self.endpoint.url(path)
+        body = orjson.dumps(payload)
+        generation = self._current_key()
         started = time.perf_counter()
-        response = await self._send("POST", url, orjson.dumps(payload), headers)
+        response = await self._send("POST", url, body, headers)
+        if await self._rotated(response.status, generation):  # once: a second 401 is the error
+            response.release()
+            response = await self._send("POST", url, body, headers)
         try:
             status = response.status
             if not 200 <= status <= 299:

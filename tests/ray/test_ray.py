@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -290,7 +291,9 @@ RUN_PROGRAM_CASES = [
 
 
 def _ids(cases):
-    return [f"{next(iter(kwargs))}={next(iter(kwargs.values()))!r}"[:40] for kwargs, _ in cases]
+    # Without memory addresses: pytest-xdist's workers must collect the same names.
+    names = [f"{next(iter(kwargs))}={next(iter(kwargs.values()))!r}" for kwargs, _ in cases]
+    return [re.sub(r" object at 0x[0-9a-f]+", " object", name)[:40] for name in names]
 
 
 @pytest.mark.parametrize(("bad", "message"), RUN_PROGRAM_CASES, ids=_ids(RUN_PROGRAM_CASES))
