@@ -74,6 +74,7 @@ def make_lm(stub: StubServer):
         lm.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command), the tests with real servers
     or Ray run one after another on one worker, as they would alone: they start servers and clusters

@@ -154,14 +154,6 @@ class AnyscaleJobsProvider(AdapterProvider):
 
     # --- DSPy's Provider -------------------------------------------------------------------------
 
-    @staticmethod
-    def launch(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
-        """Nothing to launch: the service is deployed and runs on its own."""
-
-    @staticmethod
-    def kill(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
-        """Nothing to stop (``BootstrapFinetune`` calls this before training)."""
-
     def finetune(
         self,
         job: AdapterTrainingJob,

@@ -97,6 +97,16 @@ class AdapterProvider(Provider):  # type: ignore[misc]  # DSPy's class is untype
         self.finetunable = True
         self.TrainingJob = AdapterTrainingJob
 
+    @staticmethod
+    def launch(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
+        """Nothing to launch: a served base model runs on its own (a provider's own server starts when it
+        has an adapter to serve)."""
+
+    @staticmethod
+    def kill(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
+        """Nothing is stopped: ``BootstrapFinetune`` calls this before training, and the LM being tuned,
+        its server and the adapters already served keep answering."""
+
     def bind(self, lm: Anyscale, model_ref: str) -> Anyscale:
         """The LM that answers through the adapter ``model_ref`` (what :meth:`finetune` returned)."""
         raise NotImplementedError

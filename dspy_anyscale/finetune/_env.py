@@ -18,9 +18,7 @@ Command line: ``python -m dspy_anyscale.finetune._env install`` (idempotent; wha
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,31 +85,10 @@ def ensure_env(*, quiet: bool = False) -> Path:
 def _install(work: Path, say: Say) -> None:
     started = time.monotonic()
     log = _install_log()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_bytes(b"")
-    stage = work / "stage"
-    stage.mkdir()
     say(f"installing {', '.join(FINETUNE_ENV_PACKAGES)} into their own environment (~80 s, ~1 GB; log: {log})...")
-    # Made here and moved later: `venv/bin/python -m ...` finds its site-packages relative to itself.
-    _run([sys.executable, "-m", "venv", str(stage / "venv")], log)
-    pip = [str(_venv_python(stage)), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    _run([*pip, *FINETUNE_ENV_PACKAGES], log)
-    _run([str(_venv_python(stage)), "-c", _CHECK_IMPORTS], log)
-    record = {**_install_record(), "python": _output([str(_venv_python(stage)), "-V"])}
-    (stage / "INSTALL.json").write_text(json.dumps(record, indent=2) + "\n")
-    _processes.replace_dir(stage, _install_dir())
+    stage = _processes.stage_venv(work, list(FINETUNE_ENV_PACKAGES), _CHECK_IMPORTS, log, error=FinetuneError)
+    _processes.finish_install(stage, _install_record(), _install_dir(), timeout=FINETUNE_ENV_CHECK_TIMEOUT_S)
     say(f"training environment installed: {_install_dir()} ({_processes.fmt_duration(time.monotonic() - started)})")
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    _processes.run_logged(cmd, log, error=FinetuneError)
-
-
-def _output(cmd: list[str]) -> str:
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=FINETUNE_ENV_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False
-    )
-    return (result.stdout or result.stderr).strip() if result.returncode == 0 else ""
 
 
 def main(argv: list[str] | None = None) -> int:

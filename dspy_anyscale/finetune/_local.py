@@ -121,14 +121,6 @@ class LocalLoRAProvider(AdapterProvider):
 
     # --- what DSPy calls ------------------------------------------------------------------------
 
-    @staticmethod
-    def launch(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
-        """Nothing to launch: the provider starts its server when it has an adapter to serve."""
-
-    @staticmethod
-    def kill(lm: Any, launch_kwargs: dict[str, Any] | None = None) -> None:
-        """Nothing is stopped (``BootstrapFinetune`` calls this before training): see the class docs."""
-
     def finetune(
         self,
         job: AdapterTrainingJob,

@@ -144,6 +144,41 @@ def replace_dir(new: Path, final: Path) -> None:
     os.replace(new, final)
 
 
+def stage_venv(work: Path, packages: list[str], check: str, log: Path, *, error: type[Exception]) -> Path:
+    """``work/stage/venv`` with ``packages`` pip-installed and the Python code ``check`` run in it; the stage.
+
+    Made in a stage folder and moved into the cache once complete (:func:`finish_install`): a venv's
+    ``bin/python -m ...`` finds its site-packages relative to itself, so it moves whole. ``log`` (emptied
+    first) gets every command's output.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    stage = work / "stage"
+    stage.mkdir()
+    python = str(stage / "venv" / "bin" / "python")
+    run_logged([sys.executable, "-m", "venv", str(stage / "venv")], log, error=error)
+    run_logged(
+        [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *packages], log, error=error
+    )
+    run_logged([python, "-c", check], log, error=error)
+    return stage
+
+
+def finish_install(stage: Path, record: Mapping[str, Any], final: Path, *, timeout: float) -> None:
+    """Write what was installed (with the venv's Python version) as ``INSTALL.json`` and move the stage in place."""
+    version = subprocess.run(
+        [str(stage / "venv" / "bin" / "python"), "-V"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    python = (version.stdout or version.stderr).strip() if version.returncode == 0 else ""
+    (stage / "INSTALL.json").write_text(json.dumps({**record, "python": python}, indent=2) + "\n")
+    replace_dir(stage, final)
+
+
 def run_logged(
     cmd: list[str],
     log: Path,

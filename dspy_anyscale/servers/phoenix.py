@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +72,7 @@ DEFAULT_PROJECT = "default"  # where Phoenix puts spans whose resource names no 
 
 LOG_MAX_AGE = 7 * 24 * 3600.0  # seconds; server logs older than this are deleted
 LOCK_TIMEOUT = 1800.0
+PYTHON_VERSION_TIMEOUT_S = 120.0  # asking the installed venv its Python version
 # Must not start with another manager's prefix (".work-", ".portkey-work-", ...): lock holders
 # delete their stale work dirs by prefix.
 _WORK_PREFIX = ".phoenix-work-"
@@ -157,34 +157,15 @@ def _install(work: Path, say: Say) -> None:
     """Make a venv, pip-install the pinned Phoenix into it, check it, move it into the cache."""
     started = time.monotonic()
     log = _install_log()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_bytes(b"")
-    stage = work / "stage"
-    stage.mkdir()
     say(f"installing {PACKAGE}=={VERSION} from PyPI into its own environment (~80 s, ~850 MB; log: {log})...")
-    # Made here and moved later: `venv/bin/python -m ...` finds its site-packages relative to itself.
-    _run([sys.executable, "-m", "venv", str(stage / "venv")], log)
-    pip = [str(_venv_python(stage)), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    _run([*pip, f"{PACKAGE}=={VERSION}"], log)
-    _run([str(_venv_python(stage)), "-c", f"import {_MODULE}"], log)
+    stage = _processes.stage_venv(work, [f"{PACKAGE}=={VERSION}"], f"import {_MODULE}", log, error=PhoenixError)
     say("creating an empty database with Phoenix's schema (copied for every server started)...")
     template = _template_db(stage).parent
     template.mkdir()
     env = _server_env(0, 0, template)
     _processes.run_logged([str(_venv_python(stage)), "-m", _MODULE, "db", "migrate"], log, error=PhoenixError, env=env)
-    record = {**_install_record(), "python": _output([str(_venv_python(stage)), "-V"])}
-    (stage / "INSTALL.json").write_text(json.dumps(record, indent=2) + "\n")
-    _processes.replace_dir(stage, _install_dir())
+    _processes.finish_install(stage, _install_record(), _install_dir(), timeout=PYTHON_VERSION_TIMEOUT_S)
     say(f"Phoenix installed: {_install_dir()} ({_processes.fmt_duration(time.monotonic() - started)})")
-
-
-def _output(cmd: list[str]) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
-    return (result.stdout or result.stderr).strip() if result.returncode == 0 else ""
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    _processes.run_logged(cmd, log, error=PhoenixError)
 
 
 # --------------------------------------------------------------------------- running
