@@ -72,15 +72,3 @@ def make_lm(stub: StubServer):
     yield make
     for lm in created:
         lm.close()
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, the README's command), the tests with real servers
-    or Ray run one after another on one worker, as they would alone: they start servers and clusters
-    sized for the machine. The unit tests share the other worker (and the first, when it is free)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.get_closest_marker("integration") or item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("servers"))
