@@ -50,6 +50,8 @@ def _sdk() -> Any:
 
 def service_status(name: str, *, cloud: str | None = None, project: str | None = None) -> Any:
     """The SDK's ``ServiceStatus`` of ``name``, or a ServiceError that says what to do."""
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"the service name must be a non-empty string, got {name!r}")
     anyscale = _sdk()
     try:
         return anyscale.service.status(name=name, cloud=cloud, project=project)
@@ -129,10 +131,13 @@ def resolve_service(
     name: str, *, version: str | None = None, cloud: str | None = None, project: str | None = None
 ) -> ServiceTarget:
     """Ask the SDK for the service and turn its status into where an LM sends."""
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"the service name must be a non-empty string, got {name!r}")
     status = service_status(name, cloud=cloud, project=project)
     _check_serving(name, status)
+    return _target(name, status, version, cloud, project)
+
+
+def _target(name: str, status: Any, version: str | None, cloud: str | None, project: str | None) -> ServiceTarget:
+    """Where an LM for one version (None: the service's own split) of a checked status sends."""
     _check_version(name, status, version)
     token = status.query_auth_token
     key: Secret = RotatingSecret(token, _token_fetcher(name, cloud, project)) if token else Secret("")
@@ -156,12 +161,19 @@ def from_service(
     ``cloud`` / ``project`` find a service whose name is not unique in the organization (the SDK's
     own arguments); ``headers=`` and every other keyword are the constructor's.
     """
+    _refuse_connection_kwargs(kwargs)
+    return _lm_for(cls, resolve_service(name, version=version, cloud=cloud, project=project), model, kwargs)
+
+
+def _refuse_connection_kwargs(kwargs: Mapping[str, Any]) -> None:
     if "api_base" in kwargs or "api_key" in kwargs:
         raise ConfigurationError(
             "from_service finds api_base and api_key itself (the service's query_url and token): drop them, "
             "or build Anyscale(model, api_base=..., api_key=...) directly"
         )
-    target = resolve_service(name, version=version, cloud=cloud, project=project)
+
+
+def _lm_for(cls: Callable[..., _LM], target: ServiceTarget, model: str, kwargs: dict[str, Any]) -> _LM:
     headers = {**dict(kwargs.pop("headers", None) or {}), **target.headers}
     # The constructor takes a Secret as api_key unchanged (its annotation says str for users).
     key = cast(Any, target.api_key)
@@ -181,11 +193,14 @@ def router_from_service(
 ) -> _R:
     """A weighted ``Router`` (``cls``) over the service's versions, each an ``member_cls`` pinned to its
     version, at the service's own weights."""
-    target = resolve_service(name, cloud=cloud, project=project)
+    _refuse_connection_kwargs(kwargs)
+    status = service_status(name, cloud=cloud, project=project)  # once: every member is built from it
+    _check_serving(name, status)
+    target = _target(name, status, None, cloud, project)
     if not target.weights:
         raise ServiceError(f"the Anyscale Service {name!r} reports no primary version: is it deployed?")
     members = {
-        label: from_service(member_cls, name, model=model, version=label, cloud=cloud, project=project, **kwargs)
+        label: _lm_for(member_cls, _target(name, status, label, cloud, project), model, dict(kwargs))
         for label in target.weights
     }
     weights = dict(target.weights)
