@@ -431,8 +431,13 @@ def free_port(host: str = HOST) -> int:
 
 
 def port_free(port: int, host: str = HOST) -> bool:
-    """True if ``port`` on ``host`` can be bound now."""
+    """True if no socket listens on ``port`` on ``host``, so a server can bind it now.
+
+    SO_REUSEADDR, as every server here sets it: a port whose last server was killed keeps its closed
+    connections in TIME_WAIT for a minute, which a plain bind counts as "in use" but a server does not.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
