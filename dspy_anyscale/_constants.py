@@ -357,3 +357,10 @@ ANYSCALE_JOB_POLL_S = 10.0
 ANYSCALE_JOB_TIMEOUT_S = 24 * 3600.0
 # Lines of a failed job's log quoted in its FinetuneError.
 ANYSCALE_JOB_LOG_TAIL_LINES = 40
+
+# --- Stand-in servers (dspy_anyscale.servers) ---------------------------------------------------------
+# Inference threads of llama-server and llama-cpp-python. One: llama.cpp's threads wait for each other
+# at every operation, so two threads on a two-core machine where anything else runs (a second server,
+# Ray, the test process) crawl. Measured, 5 answers of 48 tokens on 2 cores: 2 threads 3.4 s alone and
+# 165 s beside one busy process (--poll 0: 155 s); 1 thread 5.8 s alone and 7.3 s beside it.
+STAND_IN_THREADS = 1

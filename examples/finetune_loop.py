@@ -109,12 +109,14 @@ def run_loop(
     *,
     dev: list[str] = DEV,
     canary_weight: float = 0.25,
+    train_kwargs: dict[str, Any] | None = None,
     say: Any = print,
 ) -> Loop:
     """Baseline, BootstrapFinetune, the fine-tuned score, a weighted canary; what it measured.
 
     ``lm``: the base model as users call it (here the stand-in llama-server), with ``provider``;
-    ``dev``: the questions scored (none of them is in the training set).
+    ``dev``: the questions scored (none of them is in the training set); ``train_kwargs``: the
+    provider's training options (steps, rank, threads, ...; docs/finetuning.md).
     """
     # DSPy's format, and no JSON-mode second try when a 135M model misses it: a miss scores 0.
     dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
@@ -127,7 +129,7 @@ def run_loop(
     teacher.set_lm(scripted_teacher())
     trainset = [dspy.Example(question=q).with_inputs("question") for q in TRAIN]
     started = time.monotonic()
-    optimizer = dspy.BootstrapFinetune(metric=signed_off, num_threads=1)
+    optimizer = dspy.BootstrapFinetune(metric=signed_off, num_threads=1, train_kwargs=train_kwargs)
     tuned = optimizer.compile(student.deepcopy(), trainset=trainset, teacher=teacher)
     train_seconds = time.monotonic() - started
     adapter_lm = tuned.lm

@@ -72,3 +72,16 @@ def make_lm(stub: StubServer):
     yield make
     for lm in created:
         lm.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``, the README's command), the tests that load the CPU run one
+    after another on one worker each, as they would alone: the real-server tests (inference and
+    training; two at once thrash the two cores: measured 2-4x slower each) and the Ray tests (one
+    cluster sized for the machine at a time). The unit tests spread over every worker."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group("servers"))

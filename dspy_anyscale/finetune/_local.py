@@ -234,6 +234,7 @@ class LocalLoRAProvider(AdapterProvider):
         data.write_text("".join(json.dumps(example) + "\n" for example in examples))
         output = folder / "output"
         spec = {**options, "base_gguf": str(self._base()), "data": str(data), "output": str(output)}
+        spec["base_cache"] = str(_processes.cache_dir() / "finetune" / "bases")
         spec["target_modules"] = list(spec["target_modules"])
         (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         log = folder / "train.log"

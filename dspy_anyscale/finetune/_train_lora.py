@@ -7,6 +7,9 @@ it imports nothing of ``dspy_anyscale``, so that interpreter needs only the trai
 The spec (JSON, written by the provider) says::
 
     base_gguf      the GGUF the local llama-server serves (transformers dequantizes it to float32)
+    base_cache     optional: a directory for the dequantized base (model and tokenizer, saved with
+                   save_pretrained under <base_cache>/<sha256 of the GGUF>); later jobs load it from
+                   there (measured ~2 s instead of 36-42 s for SmolLM2-135M on 2 cores)
     data           a JSON-lines file of {"messages": [...]} conversations
     output         a directory: <output>/adapter (PEFT's adapter_model.safetensors + adapter_config.json)
                    and <output>/base/config.json (the base's config, what convert_lora_to_gguf.py reads)
@@ -20,8 +23,11 @@ and the config are written, anything else is a failure whose reason is the log's
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,11 +53,50 @@ def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     )
 
     gguf = Path(spec["base_gguf"])
+    cached = _cached_base(gguf, spec.get("base_cache"))
     started = time.monotonic()
+    if cached is not None and (cached / _COMPLETE).is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(cached))
+        model = AutoModelForCausalLM.from_pretrained(str(cached), torch_dtype=torch.float32)
+        _say(f"loaded {gguf.name} from {cached} ({time.monotonic() - started:.1f}s)")
+        return tokenizer, model
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
     _say(f"loaded {gguf.name} ({time.monotonic() - started:.1f}s)")
+    if cached is not None:
+        _keep_base(cached, tokenizer, model)
     return tokenizer, model
+
+
+# Written last: a directory without it is a save that did not finish (never loaded).
+_COMPLETE = "COMPLETE"
+
+
+def _cached_base(gguf: Path, root: str | None) -> Path | None:
+    """Where the dequantized copy of ``gguf`` lives under ``root``: named by the GGUF's content."""
+    if not root:
+        return None
+    digest = hashlib.sha256()
+    with gguf.open("rb") as source:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+    return Path(root) / digest.hexdigest()[:32]
+
+
+def _keep_base(target: Path, tokenizer: Any, model: Any) -> None:
+    """Save the dequantized base for the next job; staged and renamed, so a reader sees all or nothing."""
+    staged = target.with_name(f".{target.name}-{os.getpid()}")
+    try:
+        shutil.rmtree(staged, ignore_errors=True)
+        tokenizer.save_pretrained(str(staged))
+        model.save_pretrained(str(staged), safe_serialization=True)
+        (staged / _COMPLETE).write_text("")
+        staged.rename(target)  # another job may have won the race: its copy is as good
+        _say(f"kept the dequantized base in {target}")
+    except OSError as exc:  # a full disk or a read-only cache costs the next job time, never this one
+        _say(f"could not keep the dequantized base in {target}: {exc}")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._constants import STAND_IN_THREADS
 from . import _processes
 
 
@@ -117,7 +118,7 @@ class ServerCli:
         run.add_argument("--api-key", default=None, help="require this key (default: none)")
         run.add_argument("--alias", default=self.default_alias, help="model name served")
         run.add_argument("--ctx-size", type=int, default=2048)
-        run.add_argument("--threads", type=int, default=2)
+        run.add_argument("--threads", type=int, default=STAND_IN_THREADS)
         run.add_argument("--ready-timeout", type=float, default=self.ready_timeout)
         run.set_defaults(func=self._start)
         halt = sub.add_parser("stop", help="stop the server started by 'start'")

@@ -59,6 +59,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._constants import STAND_IN_THREADS
 from ..errors import AnyscaleError
 from . import _processes, llama_server
 from ._cli import ServerCli
@@ -329,7 +330,7 @@ def start(
     api_key: str | None = None,
     alias: str = DEFAULT_ALIAS,
     ctx_size: int = 2048,
-    threads: int = 2,
+    threads: int = STAND_IN_THREADS,
     ready_timeout: float = 120.0,
 ) -> LlamaCppPythonServer:
     """Start ``python -m llama_cpp.server`` in the background and wait until it answers.

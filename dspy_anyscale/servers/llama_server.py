@@ -46,6 +46,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._constants import STAND_IN_THREADS
 from ..errors import AnyscaleError
 from . import _processes
 from ._cli import ServerCli
@@ -383,7 +384,7 @@ def start(
     api_key: str | None = None,
     alias: str = DEFAULT_ALIAS,
     ctx_size: int = 2048,
-    threads: int = 2,
+    threads: int = STAND_IN_THREADS,
     ready_timeout: float = 60.0,
     lora: Sequence[Path | str] = (),
 ) -> LocalServer:

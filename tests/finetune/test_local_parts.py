@@ -5,6 +5,7 @@ training script's masking (pure parts; the real training runs in tests/integrati
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,84 @@ def test_a_long_conversation_keeps_its_end():
     ids, labels = _train_lora._encode(_Tokenizer(), messages, 20, -100)
     assert len(ids) == len(labels) == 20
     assert "".join(chr(i) for i in ids).endswith("END<|im_end|>\n")
+
+
+class _Saved:
+    """A tokenizer or model as transformers returns it: save_pretrained writes a file named after it."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def save_pretrained(self, folder: str, **_: object) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{type(self).__name__}-{self.origin}.json").write_text("{}")
+
+
+class _Auto:
+    """AutoTokenizer / AutoModelForCausalLM: records where each load came from."""
+
+    def __init__(self, loads: list[tuple[str, str | None]]) -> None:
+        self.loads = loads
+
+    def from_pretrained(self, folder: str, gguf_file: str | None = None, **_: object) -> _Saved:
+        self.loads.append((folder, gguf_file))
+        return _Saved("gguf" if gguf_file else "cache")
+
+
+@pytest.fixture
+def fake_transformers(monkeypatch):
+    import types
+
+    loads: list[tuple[str, str | None]] = []
+    module = types.ModuleType("transformers")
+    module.AutoTokenizer = _Auto(loads)  # type: ignore[attr-defined]
+    module.AutoModelForCausalLM = _Auto(loads)  # type: ignore[attr-defined]
+    torch = types.ModuleType("torch")
+    torch.float32 = "float32"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "transformers", module)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return loads
+
+
+def test_the_dequantized_base_is_kept_and_the_next_job_loads_it(tmp_path, fake_transformers):
+    gguf = tmp_path / "models" / "base.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF weights")
+    spec = {"base_gguf": str(gguf), "base_cache": str(tmp_path / "bases")}
+
+    _train_lora._load(spec)  # the first job: from the GGUF, then kept
+    assert fake_transformers == [(str(gguf.parent), "base.gguf")] * 2
+    (kept,) = (tmp_path / "bases").iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["COMPLETE", "_Saved-gguf.json"]
+
+    fake_transformers.clear()
+    _train_lora._load(spec)  # the next job: from the kept copy, the GGUF not read by transformers
+    assert fake_transformers == [(str(kept), None)] * 2
+
+    gguf.write_bytes(b"GGUF other weights")  # another base under the same path: a copy of its own
+    fake_transformers.clear()
+    _train_lora._load(spec)
+    assert fake_transformers == [(str(gguf.parent), "base.gguf")] * 2
+    assert len(list((tmp_path / "bases").iterdir())) == 2
+
+
+def test_a_copy_that_did_not_finish_saving_is_never_loaded(tmp_path, fake_transformers):
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF weights")
+    target = _train_lora._cached_base(gguf, str(tmp_path / "bases"))
+    assert target is not None
+    target.mkdir(parents=True)  # a copy without COMPLETE (a crash mid-save, a racing job)
+    _train_lora._load({"base_gguf": str(gguf), "base_cache": str(tmp_path / "bases")})
+    assert fake_transformers == [(str(tmp_path), "base.gguf")] * 2
+
+
+def test_without_a_cache_or_with_an_unwritable_one_the_job_still_loads(tmp_path, fake_transformers, capsys):
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF weights")
+    _train_lora._load({"base_gguf": str(gguf)})
+    assert not (tmp_path / "bases").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a cache "directory" that is a file: saving fails, training goes on
+    tokenizer, model = _train_lora._load({"base_gguf": str(gguf), "base_cache": str(blocked)})
+    assert (tokenizer.origin, model.origin) == ("gguf", "gguf")
+    assert "could not keep the dequantized base" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from dspy.clients.utils_finetune import TrainingStatus
 from dspy_anyscale import Anyscale
 from dspy_anyscale.errors import ConfigurationError, FinetuneError
 from dspy_anyscale.finetune import LocalLoRAProvider
+from dspy_anyscale.servers._processes import cache_dir
 
 JOIN_S = 60.0  # a job that has not ended by then is a failed test, never a hung suite
 CHAT = [
@@ -175,6 +176,7 @@ def test_train_kwargs_override_the_defaults_in_the_training_spec(provider, monke
     spec = json.loads((provider.workdir / "jobs" / "x" / "spec.json").read_text())
     assert (spec["steps"], spec["rank"], spec["learning_rate"]) == (3, 4, 5e-4)
     assert spec["target_modules"] == ["q_proj", "v_proj"]
+    assert spec["base_cache"] == str(cache_dir() / "finetune" / "bases")  # the dequantized base, kept
     lines = (provider.workdir / "jobs" / "x" / "data.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == CHAT
 
