@@ -373,6 +373,9 @@ def _server_command(python: Path, model: Path, port: int, alias: str, ctx_size: 
         str(ctx_size),
         "--n_threads",
         str(threads),
+        # the prompt's threads too: the server's default for those is every core
+        "--n_threads_batch",
+        str(threads),
     ]
 
 

@@ -18,4 +18,4 @@ def test_the_stand_ins_infer_on_one_thread_unless_told():
     served = llama_server._server_command(Path("llama-server"), Path("m.gguf"), 8080, "a", 2048, 3)
     assert served[served.index("-t") + 1] == "3"
     python = llama_cpp_python._server_command(Path("python"), Path("m.gguf"), 8080, "a", 2048, 3)
-    assert python[python.index("--n_threads") + 1] == "3"
+    assert python[python.index("--n_threads") + 1] == python[python.index("--n_threads_batch") + 1] == "3"
