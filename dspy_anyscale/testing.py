@@ -162,8 +162,11 @@ class StubServer:
         self.api_key = api_key
         self.model = model
         self.requests: list[RecordedRequest] = []
-        self.in_flight = 0
+        self.in_flight = 0  # POSTs being answered that arrived since the last reset()
         self.max_in_flight = 0
+        # Bumped by reset(): a request that arrived before (a hung one an earlier test abandoned) leaves
+        # without touching the counts, which describe what came after.
+        self._generation = 0
         self._faults: deque[Fault] = deque()
         self._chaos: tuple[float, list[Fault]] = (0.0, [])
         self._random = random.Random(0)
@@ -223,6 +226,8 @@ class StubServer:
             self._faults.clear()
             self.requests.clear()
             self._chaos = (0.0, [])
+            self._generation += 1
+            self.in_flight = 0
             self.max_in_flight = 0
 
     def _next_fault(self, path: str) -> Fault | None:
@@ -236,14 +241,17 @@ class StubServer:
                 return self._random.choice(faults)
         return None
 
-    def _enter(self) -> None:
+    def _enter(self) -> int:
+        """Count a POST in; returns the generation to hand back to :meth:`_leave`."""
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return self._generation
 
-    def _leave(self) -> None:
+    def _leave(self, generation: int) -> None:
         with self._lock:
-            self.in_flight -= 1
+            if generation == self._generation:
+                self.in_flight -= 1
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
@@ -372,11 +380,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
     def do_POST(self) -> None:
-        self.stub._enter()
+        generation = self.stub._enter()
         try:
             self._post()
         finally:
-            self.stub._leave()
+            self.stub._leave(generation)
 
     def _post(self) -> None:
         body = self._read_body()

@@ -4,8 +4,10 @@ what is not, what the error says; a soak test with random transient faults; real
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import types
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import dspy
@@ -246,3 +248,24 @@ def test_dspy_program_async_with_faults(make_lm, stub, waits):
     dspy.configure(lm=make_lm(use_chat_api=True))
     prediction = asyncio.run(dspy.ChainOfThought("question -> answer").acall(question="async?"))
     assert prediction.answer == "answer for async?"
+
+
+def test_requests_an_earlier_test_left_in_flight_do_not_count_after_a_reset(stub):
+    # The stub is shared by the session: a request still being answered from before reset() (a slow one
+    # a test gave up on) must not inflate the next test's in-flight counts, nor make them negative later.
+    stub.latency = 0.5
+    request = urllib.request.Request(
+        f"{stub.base_url}/chat/completions",
+        data=b'{"model": "m", "messages": [{"role": "user", "content": "left behind"}]}',
+        headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
+    )
+    left = threading.Thread(target=lambda: urllib.request.urlopen(request, timeout=5).read())
+    left.start()
+    deadline = time.monotonic() + 5
+    while stub.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stub.in_flight == 1
+    stub.reset()
+    assert (stub.in_flight, stub.max_in_flight) == (0, 0)
+    left.join(5)
+    assert (stub.in_flight, stub.max_in_flight) == (0, 0)
