@@ -9,7 +9,7 @@ The spec (JSON, written by the provider) says::
     base_gguf      the GGUF the local llama-server serves (transformers dequantizes it to float32)
     base_cache     optional: a directory for the dequantized base (model and tokenizer, saved with
                    save_pretrained under <base_cache>/<sha256 of the GGUF>); later jobs load it from
-                   there (measured ~2 s instead of 36-42 s for SmolLM2-135M on 2 cores)
+                   there (measured 0.8 s instead of 36-44 s for SmolLM2-135M on 2 cores)
     data           a JSON-lines file of {"messages": [...]} conversations
     output         a directory: <output>/adapter (PEFT's adapter_model.safetensors + adapter_config.json)
                    and <output>/base/config.json (the base's config, what convert_lora_to_gguf.py reads)

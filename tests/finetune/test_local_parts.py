@@ -213,3 +213,15 @@ def test_without_a_cache_or_with_an_unwritable_one_the_job_still_loads(tmp_path,
     tokenizer, model = _train_lora._load({"base_gguf": str(gguf), "base_cache": str(blocked)})
     assert (tokenizer.origin, model.origin) == ("gguf", "gguf")
     assert "could not keep the dequantized base" in capsys.readouterr().out
+
+
+def test_a_job_that_loses_the_race_to_keep_the_base_leaves_the_winners_copy(tmp_path, capsys):
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF weights")
+    target = _train_lora._cached_base(gguf, str(tmp_path / "bases"))
+    assert target is not None
+    _train_lora._keep_base(target, _Saved("first"), _Saved("first"))
+    _train_lora._keep_base(target, _Saved("second"), _Saved("second"))  # the rename finds the winner's copy
+    assert sorted(p.name for p in target.iterdir()) == ["COMPLETE", "_Saved-first.json"]
+    assert [p.name for p in target.parent.iterdir()] == [target.name], "the loser's staged copy is removed"
+    assert "could not keep the dequantized base" in capsys.readouterr().out
